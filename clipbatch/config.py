@@ -1,0 +1,216 @@
+"""Job spec: the YAML a user writes, validated by pydantic before Ray starts.
+
+Everything that can be wrong with a spec on its own (unknown keys, missing
+classes, templates without ``{}``, an unknown model name, secrets in
+storage_options) is caught here, so that a bad spec fails in a second with one
+line naming the problem instead of after a cluster has spun up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A problem with the job spec or its inputs, reported as one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Keys that would put a secret into a spec; credentials come from the environment.
+_SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
+                       "aws_secret_access_key", "aws_session_token", "access_key", "secret_key"}
+
+
+def _reject_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if str(k).lower() in _SECRET_OPTION_KEYS:
+                    raise ValueError(f"'{where}{k}' looks like a credential; credentials come from the "
+                                     "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, profiles), "
+                                     "never from a spec")
+                walk(v, f"{where}{k}.")
+    walk(options, "")
+    return options
+
+
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_reject_secrets)]
+
+
+class InputSpec(_Strict):
+    path: Union[str, list[str]]
+    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
+    image_column: str = "image"
+    id_column: str | None = None
+    storage_options: StorageOptions = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("must name at least one path")
+        return v
+
+
+class ModelSpec(_Strict):
+    name: str
+    pretrained: str | None = None
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _known_model(self):
+        from clipbatch.models import check_model_name
+        check_model_name(self.name, self.pretrained)
+        return self
+
+
+class LabelsSpec(_Strict):
+    classes: list[str] | None = None
+    classes_file: str | None = None
+    templates: Union[str, list[str]] = "openai"
+    top_k: int = Field(5, ge=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_non_empty(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("is empty; give at least one class")
+            if any(not str(c).strip() for c in v):
+                raise ValueError("contains an empty class name")
+            if len(set(v)) != len(v):
+                dup = sorted({c for c in v if v.count(c) > 1})
+                raise ValueError(f"has duplicates: {dup}")
+        return v
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_valid(cls, v):
+        if isinstance(v, str):
+            from clipbatch.labels import template_set_names
+            if v not in template_set_names():
+                raise ValueError(f"unknown template set '{v}'; built-in sets: {', '.join(template_set_names())}"
+                                 " (or give a list of strings containing {})")
+            return v
+        if not v:
+            raise ValueError("is empty")
+        for t in v:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no {{}} where the class name goes")
+        return v
+
+    @model_validator(mode="after")
+    def _one_class_source(self):
+        if (self.classes is None) == (self.classes_file is None):
+            raise ValueError("give exactly one of labels.classes or labels.classes_file")
+        return self
+
+
+class OutputSpec(_Strict):
+    path: str
+    storage_options: StorageOptions = Field(default_factory=dict)
+    embeddings: bool = True
+    embedding_dtype: Literal["float16", "float32"] = "float16"
+    mode: Literal["resume", "overwrite", "error"] = "resume"
+
+
+class ComputeSpec(_Strict):
+    batch_size: Union[Literal["auto"], int] = "auto"
+    actors: Union[Literal["auto"], int, tuple[int, int]] = "auto"
+    gpus_per_actor: Union[Literal["auto"], float] = "auto"
+    cpus_per_actor: float = Field(1, gt=0)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("actors")
+    @classmethod
+    def _actors_range(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1")
+        if isinstance(v, tuple) and not 1 <= v[0] <= v[1]:
+            raise ValueError("must be [min, max] with 1 <= min <= max")
+        return v
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpus_range(cls, v):
+        if isinstance(v, float) and v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+
+class JobSpec(_Strict):
+    name: str = "clipbatch-job"
+    input: InputSpec
+    model: ModelSpec
+    labels: LabelsSpec
+    output: OutputSpec
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}' in job spec"
+    if first["type"] == "missing":
+        return f"missing required key '{where}' in job spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value` with the value parsed as YAML (so 4 is an int, [1,2] a list)."""
+    if "=" not in text:
+        raise SpecError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_spec(source: Union[str, os.PathLike, dict, JobSpec], overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Load a spec from a YAML path, a dict or a JobSpec, apply dotted overrides, validate."""
+    if isinstance(source, JobSpec):
+        raw = source.model_dump(mode="json", exclude_unset=True)
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise SpecError(f"job spec {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: a job spec is a YAML mapping")
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_format_error(e)) from None

@@ -1,0 +1,81 @@
+"""Classes and prompt templates -> the zero-shot head (one text embedding per class).
+
+A class's embedding is the normalized mean of its normalized template
+embeddings (CLIP's prompt ensemble), computed by open_clip's own
+``build_zero_shot_classifier`` once per job.
+"""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import torch
+
+from clipbatch.config import LabelsSpec, SpecError
+
+
+def _builtin_template_sets() -> dict[str, list[str]]:
+    from open_clip import zero_shot_metadata as meta
+
+    def as_strings(templates) -> list[str]:
+        return [t("{}") for t in templates]
+
+    return {
+        "openai": as_strings(meta.OPENAI_IMAGENET_TEMPLATES),
+        "simple": ["a photo of a {}."],
+        "simple-imagenet": as_strings(meta.SIMPLE_IMAGENET_TEMPLATES),
+    }
+
+
+def template_set_names() -> list[str]:
+    return list(_builtin_template_sets())
+
+
+def resolve_templates(templates: str | list[str]) -> list[str]:
+    if isinstance(templates, str):
+        return _builtin_template_sets()[templates]
+    return list(templates)
+
+
+def resolve_classes(labels: LabelsSpec, storage_options: dict | None = None) -> list[str]:
+    """The class list, from the spec or from a one-class-per-line file (any fsspec URL)."""
+    if labels.classes is not None:
+        return list(labels.classes)
+    try:
+        with fsspec.open(labels.classes_file, "r", encoding="utf-8", **(storage_options or {})) as f:
+            classes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        raise SpecError(f"labels.classes_file: {labels.classes_file} not found") from None
+    if not classes:
+        raise SpecError(f"labels.classes_file: {labels.classes_file} holds no classes")
+    if len(set(classes)) != len(classes):
+        raise SpecError(f"labels.classes_file: {labels.classes_file} has duplicate classes")
+    return classes
+
+
+def build_text_head(loaded, classes: list[str], templates: list[str]) -> np.ndarray:
+    """[C, D] float32, L2-normalized rows, in class order."""
+    from open_clip import build_zero_shot_classifier
+
+    with torch.inference_mode():
+        weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classes, templates,
+                                             num_classes_per_batch=max(1, 4096 // len(templates)),
+                                             device=loaded.device)
+    return weights.T.float().cpu().numpy()
+
+
+def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: float | None) -> torch.Tensor:
+    """The model's own zero-shot probabilities from cosine similarities [B, C].
+
+    CLIP: softmax over classes of logit_scale * cos. SigLIP-style models (with a
+    logit_bias) score each class independently: sigmoid(scale * cos + bias).
+    """
+    logits = logit_scale * cosine.float()
+    if logit_bias is not None:
+        return torch.sigmoid(logits + logit_bias)
+    return torch.softmax(logits, dim=-1)
+
+
+def top_k(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return values.cpu().numpy(), indices.cpu().numpy()

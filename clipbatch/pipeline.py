@@ -1,0 +1,272 @@
+"""The one place where the stages are wired together with Ray Data.
+
+``build(spec)`` checks everything that can be checked before Ray starts and
+returns a Job; ``Job.run()`` executes listing -> decode tasks -> encoder actor
+pool -> Parquet sink, then writes the manifest and _SUCCESS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipbatch import __version__
+from clipbatch.config import JobSpec, SpecError, load_spec
+from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
+from clipbatch.models import load_model, resolve_model_name
+from clipbatch.schema import output_schema, read_metadata
+from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
+from clipbatch.sources import list_images
+
+ROWS_PER_BLOCK = 256  # listing rows per Ray block: enough blocks for every decode task
+ROWS_PER_PART = 4096  # output rows per Parquet part (about 5 MB with float16 embeddings)
+DECODE_BATCH = 32
+DECODE_CPUS = 0.5
+
+
+@dataclass
+class ComputePlan:
+    """What the job will ask Ray for, from the spec's compute section and the cluster's resources."""
+
+    device: str
+    gpus_per_actor: float
+    cpus_per_actor: float
+    min_actors: int
+    max_actors: int
+    batch_size: int
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, cluster_gpus: float) -> "ComputePlan":
+        c = spec.compute
+        if c.gpus_per_actor == "auto":
+            gpus = 1.0 if cluster_gpus >= 1 and c.device != "cpu" else 0.0
+        else:
+            gpus = float(c.gpus_per_actor)
+        if gpus > cluster_gpus:
+            raise SpecError(f"compute.gpus_per_actor is {gpus} but the Ray cluster reports {cluster_gpus:g} GPUs")
+        if c.device == "cuda" and gpus == 0:
+            raise SpecError("compute.device is cuda but no GPU is requested (the Ray cluster reports no GPUs)")
+        device = ("cuda" if gpus > 0 else "cpu") if c.device == "auto" else c.device
+        if c.actors == "auto":
+            low = high = max(1, math.floor(cluster_gpus / gpus)) if gpus > 0 else 1
+        elif isinstance(c.actors, int):
+            low = high = c.actors
+        else:
+            low, high = c.actors
+        batch = c.batch_size if c.batch_size != "auto" else (256 if device == "cuda" else 32)
+        return cls(device, gpus, c.cpus_per_actor, low, high, batch)
+
+
+@dataclass
+class RunSummary:
+    output: str
+    rows: int
+    errors: int
+    new_rows: int
+    seconds: float
+    images_per_s: float
+    device: str
+    complete: bool
+    skipped: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def fingerprint(spec: JobSpec, classes: list[str], templates: list[str]) -> dict:
+    """What decides the results: a resume must not mix outputs that differ in any of it."""
+    return {"model": spec.model.name, "pretrained": spec.model.pretrained, "precision": spec.model.precision,
+            "classes": classes, "templates": templates,
+            "embedding_dtype": spec.output.embedding_dtype if spec.output.embeddings else None}
+
+
+def _prepare_text_head(model_name, pretrained, device, precision, classes, templates) -> dict:
+    """Runs once per job, as a Ray task placed like an encoder actor."""
+    loaded = load_model(model_name, pretrained, device=device, precision=precision)
+    head = build_text_head(loaded, classes, templates)
+    return {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
+            "preprocess_cfg": loaded.preprocess_cfg, "precision": loaded.precision, "device": loaded.device}
+
+
+def _json_safe(value):
+    return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+class Job:
+    """A validated job: inputs listed, output checked, ready to run."""
+
+    def __init__(self, spec: JobSpec):
+        started = time.time()
+        self.spec = spec
+        self.classes = resolve_classes(spec.labels, spec.input.storage_options)
+        self.templates = resolve_templates(spec.labels.templates)
+        self.listing = list_images(spec.input)
+        self.out = OutputDir(spec.output.path, spec.output.storage_options)
+        self.fingerprint = fingerprint(spec, self.classes, self.templates)
+        self.listing_seconds = time.time() - started
+
+    def describe(self, sample: int = 5) -> str:
+        s = self.spec
+        n = self.listing.num_rows
+        ids = self.listing.column("source").slice(0, sample).to_pylist()
+        lines = [f"job        {s.name}",
+                 f"images     {n:,} found in {s.input.path}",
+                 *[f"           {i}" for i in ids],
+                 *(["           ..."] if n > sample else []),
+                 f"classes    {len(self.classes)}: {', '.join(self.classes[:10])}"
+                 f"{' ...' if len(self.classes) > 10 else ''}",
+                 f"templates  {len(self.templates)}"
+                 f"{' (' + s.labels.templates + ')' if isinstance(s.labels.templates, str) else ''}: "
+                 f"{self.templates[0]!r}{' ...' if len(self.templates) > 1 else ''}",
+                 f"model      {s.model.name}"
+                 f"{' pretrained=' + s.model.pretrained if s.model.pretrained else ''}, precision "
+                 f"{s.model.precision}",
+                 f"device     {s.compute.device} (auto: GPU actors where Ray reports GPUs, else CPU)"
+                 if s.compute.device == "auto" else f"device     {s.compute.device}",
+                 f"output     {self.out.url} (mode {s.output.mode})"]
+        return "\n".join(lines)
+
+    def _check_output(self) -> pa.Table | None:
+        """Apply output.mode; returns the inputs still to do, or None when the output is complete."""
+        mode = self.spec.output.mode
+        parts = self.out.parts()
+        existing = bool(parts) or self.out.exists(MANIFEST) or self.out.exists(SUCCESS)
+        if existing and mode == "error":
+            raise SpecError(f"output.path {self.out.url} already holds output (output.mode is error)")
+        if existing and mode == "overwrite":
+            self.out.clear()
+            return self.listing
+        if parts:
+            import pyarrow.parquet as pq
+            earlier = read_metadata(pq.read_schema(parts[0], filesystem=self.out.fs)).get("fingerprint")
+            if earlier != self.fingerprint:
+                changed = sorted(k for k in self.fingerprint if (earlier or {}).get(k) != self.fingerprint[k])
+                raise SpecError(f"output.path {self.out.url} holds results made with a different "
+                                f"{', '.join(changed)}; use another output.path or output.mode: overwrite")
+        done = self.out.written_rows()["id"].combine_chunks()
+        todo = self.listing.filter(pc.invert(pc.is_in(self.listing["id"], value_set=done)))
+        if todo.num_rows == 0 and self.out.exists(SUCCESS):
+            return None
+        return todo
+
+    def run(self) -> RunSummary:
+        import ray
+
+        started = time.time()
+        self.out.check_writable()
+        todo = self._check_output()
+        if todo is None:
+            manifest = self.out.read_manifest() or {}
+            rows = manifest.get("counts", {}).get("rows", self.listing.num_rows)
+            print(f"clipbatch: {self.out.url} is already complete ({rows:,} rows); nothing to do", flush=True)
+            return RunSummary(self.out.url, rows, manifest.get("counts", {}).get("errors", 0), 0,
+                              time.time() - started, 0.0, manifest.get("device", "?"), True, skipped=True)
+
+        init_ray()
+        plan = ComputePlan.from_spec(self.spec, ray.cluster_resources().get("GPU", 0))
+        print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
+              f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
+              f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
+              f"batch {plan.batch_size}", flush=True)
+
+        t0 = time.time()
+        prep = ray.get(ray.remote(_prepare_text_head).options(
+            num_cpus=1, num_gpus=plan.gpus_per_actor).remote(
+            resolve_model_name(self.spec.model.name), self.spec.model.pretrained, plan.device,
+            self.spec.model.precision, self.classes, self.templates))
+        text_head_seconds = time.time() - t0
+
+        metadata = {"clipbatch_version": __version__, "model": self.spec.model.name,
+                    "pretrained": self.spec.model.pretrained, "precision": prep["precision"],
+                    "classes": self.classes, "templates": self.templates,
+                    "logit_scale": prep["logit_scale"], "logit_bias": prep["logit_bias"],
+                    "embedding_dim": int(prep["text_head"].shape[1]),
+                    "preprocess_cfg": _json_safe(prep["preprocess_cfg"]), "fingerprint": self.fingerprint}
+        embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None
+        schema = output_schema(len(self.classes), metadata["embedding_dim"], embedding_dtype, metadata)
+        sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema, ROWS_PER_PART)
+
+        t0 = time.time()
+        if todo.num_rows:
+            self._dataset(todo, plan, prep, embedding_dtype).write_datasink(sink)
+        inference_seconds = time.time() - t0
+
+        return self._finish(sink, metadata, plan, started, {
+            "listing_s": round(self.listing_seconds, 3), "text_head_s": round(text_head_seconds, 3),
+            "inference_s": round(inference_seconds, 3)})
+
+    def _dataset(self, todo: pa.Table, plan: ComputePlan, prep: dict, embedding_dtype: str | None):
+        import ray
+        from clipbatch.decode import read_and_decode
+        from clipbatch.encoder import ClipEncoder
+
+        blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
+        return (ray.data.from_arrow(blocks)
+                .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
+                             fn_kwargs={"preprocess_cfg_json": json.dumps(_json_safe(prep["preprocess_cfg"])),
+                                        "storage_options": self.spec.input.storage_options})
+                .map_batches(ClipEncoder, batch_size=plan.batch_size, batch_format="numpy",
+                             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors,
+                                                                max_size=plan.max_actors),
+                             num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
+                             max_restarts=-1, max_task_retries=-1,
+                             fn_constructor_kwargs={
+                                 "model_name": resolve_model_name(self.spec.model.name),
+                                 "pretrained": self.spec.model.pretrained, "device": plan.device,
+                                 "precision": self.spec.model.precision, "text_head": prep["text_head"],
+                                 "classes": self.classes, "logit_scale": prep["logit_scale"],
+                                 "logit_bias": prep["logit_bias"], "top_k": self.spec.labels.top_k,
+                                 "embedding_dtype": embedding_dtype, "batch_size": plan.batch_size}))
+
+    def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
+                timings: dict) -> RunSummary:
+        parts = self.out.parts()
+        written = self.out.written_rows()
+        ids = written["id"].combine_chunks()
+        errors = written.num_rows - written["error"].null_count
+        expected = self.listing.num_rows
+        unique = pc.count_distinct(ids).as_py() if len(ids) else 0
+        complete = len(ids) == unique == expected and pc.all(pc.is_in(self.listing["id"], value_set=ids)).as_py()
+        new_rows = sum(r["rows"] for r in sink.written)
+        seconds = time.time() - started
+        timings["total_s"] = round(seconds, 3)
+        manifest = {**{k: v for k, v in metadata.items() if k != "fingerprint"},
+                    "name": self.spec.name, "input": _json_safe(self.spec.input.path),
+                    "output": self.out.url, "device": plan.device, "compute": asdict(plan),
+                    "counts": {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows},
+                    "timings": timings, "parts": [p.rsplit("/", 1)[-1] for p in parts],
+                    "fingerprint": self.fingerprint, "complete": complete,
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.out.write_text(MANIFEST, json.dumps(manifest, indent=2))
+        if complete:
+            self.out.write_text(SUCCESS, "")
+        rate = new_rows / timings["inference_s"] if timings["inference_s"] > 0 else 0.0
+        return RunSummary(self.out.url, len(ids), errors, new_rows, seconds, rate, plan.device, complete)
+
+
+def build(spec_or_path, overrides: dict | None = None) -> Job:
+    """The one entry point: a spec (path, dict or JobSpec) -> a validated Job."""
+    spec = spec_or_path if isinstance(spec_or_path, JobSpec) and not overrides else \
+        load_spec(spec_or_path, overrides)
+    return Job(spec)
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")
+    else:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_operator_progress_bars = True
+    ctx.print_on_execution_start = False

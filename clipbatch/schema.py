@@ -1,0 +1,53 @@
+"""The output table: one row per input image, columns as the design fixes them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+METADATA_KEY = b"clipbatch"
+
+
+def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
+                  metadata: dict | None = None) -> pa.Schema:
+    """embedding_dtype None means the job keeps no embedding column."""
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("top_labels", pa.list_(pa.string())),
+        pa.field("top_scores", pa.list_(pa.float32())),
+        pa.field("scores", pa.list_(pa.float32(), num_classes)),
+    ]
+    if embedding_dtype:
+        value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
+        fields.append(pa.field("embedding", pa.list_(value_type, embed_dim)))
+    fields.append(pa.field("error", pa.string()))
+    schema = pa.schema(fields)
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    return schema
+
+
+def read_metadata(schema: pa.Schema) -> dict:
+    return json.loads((schema.metadata or {})[METADATA_KEY])
+
+
+def fixed_size_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """[N, K] numpy (rows for invalid entries may be anything) -> fixed_size_list<K>, null where not valid."""
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
+
+
+def variable_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """[N, K] numpy -> list<K> per valid row, null elsewhere."""
+    rows = values[valid]
+    lengths = np.where(valid, values.shape[1], 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1), type=value_type),
+                                    mask=pa.array(~valid))
