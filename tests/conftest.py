@@ -1,0 +1,70 @@
+"""Shared fixtures: small real models, real images, a real local Ray and a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import helpers  # noqa: E402
+import s3server  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return "local-dir:" + str(helpers.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def siglip_model(tmp_path_factory) -> str:
+    return "local-dir:" + str(helpers.make_tiny_model(tmp_path_factory.mktemp("models") / "siglip", seed=1,
+                                                      siglip=True))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    helpers.mixed_images(folder, n=24)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """SeaweedFS on free loopback ports, credentials in the environment (before Ray starts)."""
+    server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """One local Ray for the session (started after the S3 credentials are in the environment)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def spec_dict(images_path, model: str, out_path, **sections) -> dict:
+    spec = {"name": "test", "input": {"path": str(images_path)}, "model": {"name": model},
+            "labels": {"classes": ["cat", "dog", "car", "tree", "house"], "templates": ["a photo of a {}.",
+                                                                                         "a drawing of a {}."]},
+            "output": {"path": str(out_path)}}
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec
