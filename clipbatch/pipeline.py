@@ -8,6 +8,7 @@ pool -> Parquet sink, then writes the manifest and _SUCCESS.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -19,8 +20,10 @@ import pyarrow.compute as pc
 
 from clipbatch import __version__
 from clipbatch.config import JobSpec, SpecError, load_spec
+from clipbatch.encoder import ClipEncoder
 from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
 from clipbatch.models import load_model, resolve_model_name
+from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
 from clipbatch.sources import list_images
@@ -91,6 +94,19 @@ def _prepare_text_head(model_name, pretrained, device, precision, classes, templ
     head = build_text_head(loaded, classes, templates)
     return {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
             "preprocess_cfg": loaded.preprocess_cfg, "precision": loaded.precision, "device": loaded.device}
+
+
+class _CountingEncoder(ClipEncoder):
+    """The encoder, reporting each batch to the job's progress counter (keeps encoder.py free of Ray)."""
+
+    def __init__(self, counter, **kwargs):
+        super().__init__(**kwargs)
+        self.counter = counter
+
+    def __call__(self, batch):
+        table = super().__call__(batch)
+        self.counter.add.remote(table.num_rows, table.num_rows - table["error"].null_count)
+        return table
 
 
 def _json_safe(value):
@@ -193,29 +209,30 @@ class Job:
 
         t0 = time.time()
         if todo.num_rows:
-            self._dataset(todo, plan, prep, embedding_dtype).write_datasink(sink)
+            counter = ProgressCounter.remote()
+            with ProgressReporter(counter, todo.num_rows):
+                self._dataset(todo, plan, prep, embedding_dtype, counter).write_datasink(sink)
         inference_seconds = time.time() - t0
 
         return self._finish(sink, metadata, plan, started, {
             "listing_s": round(self.listing_seconds, 3), "text_head_s": round(text_head_seconds, 3),
             "inference_s": round(inference_seconds, 3)})
 
-    def _dataset(self, todo: pa.Table, plan: ComputePlan, prep: dict, embedding_dtype: str | None):
+    def _dataset(self, todo: pa.Table, plan: ComputePlan, prep: dict, embedding_dtype: str | None, counter):
         import ray
         from clipbatch.decode import read_and_decode
-        from clipbatch.encoder import ClipEncoder
 
         blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
         return (ray.data.from_arrow(blocks)
                 .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
                              fn_kwargs={"preprocess_cfg_json": json.dumps(_json_safe(prep["preprocess_cfg"])),
                                         "storage_options": self.spec.input.storage_options})
-                .map_batches(ClipEncoder, batch_size=plan.batch_size, batch_format="numpy",
+                .map_batches(_CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors,
                                                                 max_size=plan.max_actors),
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
-                             max_restarts=-1, max_task_retries=-1,
                              fn_constructor_kwargs={
+                                 "counter": counter,
                                  "model_name": resolve_model_name(self.spec.model.name),
                                  "pretrained": self.spec.model.pretrained, "device": plan.device,
                                  "precision": self.spec.model.precision, "text_head": prep["text_head"],
@@ -260,13 +277,14 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level="WARNING")
+        else:
+            ray.init(include_dashboard=False, logging_level="WARNING")
+    # clipbatch prints its own progress line (rows/total, img/s, ETA); Ray Data's is per operator.
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_operator_progress_bars = True
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR if name.endswith("progress") else logging.WARNING)

@@ -1,0 +1,94 @@
+"""Progress while a job runs: rows done / total, img/s and ETA, from counts the encoders report.
+
+Encoder actors add their batch counts to a tiny counter actor; a driver thread
+reads it and prints one updating line on a terminal, or a line every
+``interval`` seconds into a log.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+
+    def add(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+
+    def read(self) -> tuple[int, int]:
+        return self.rows, self.errors
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_progress(done: int, total: int, errors: int, elapsed: float, rate: float) -> str:
+    pct = 100.0 * done / total if total else 100.0
+    eta = _duration((total - done) / rate) if rate > 0 else "?"
+    return (f"clipbatch: {done:,}/{total:,} images ({pct:.1f}%), {rate:.1f} img/s, ETA {eta}, "
+            f"{errors:,} errors, {_duration(elapsed)} elapsed")
+
+
+class ProgressReporter:
+    """Context manager: prints progress from a ProgressCounter until the block ends."""
+
+    def __init__(self, counter, total: int, interval: float | None = None, stream=None):
+        self.counter, self.total = counter, total
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = interval if interval is not None else (1.0 if self.tty else 15.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.time()
+        self.first: tuple[float, int] | None = None  # (time, rows) when rows were first seen
+
+    def _line(self) -> str:
+        done, errors = ray.get(self.counter.read.remote())
+        now = time.time()
+        if done and self.first is None:
+            self.first = (now, done)
+        # The rate counts from the first finished batch, so model loading does not skew the ETA.
+        if self.first and done > self.first[1]:
+            rate = (done - self.first[1]) / (now - self.first[0])
+        else:
+            rate = done / (now - self.started) if done else 0.0
+        return format_progress(done, self.total, errors, now - self.started, rate)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                line = self._line()
+            except Exception:  # progress must never break a job
+                continue
+            if self.tty:
+                self.stream.write("\r" + line.ljust(100))
+            else:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            line = self._line()
+            self.stream.write(("\r" + line.ljust(100) + "\n") if self.tty else line + "\n")
+        except Exception:
+            pass
+        self.stream.flush()
