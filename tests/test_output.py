@@ -1,0 +1,146 @@
+"""The output contract, read back the way users read it (DuckDB, pyarrow); bad images; resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import clipbatch
+from clipbatch.config import SpecError
+from clipbatch.schema import read_metadata
+from conftest import spec_dict
+
+CLASSES = ["cat", "dog", "car", "tree", "house"]
+
+
+@pytest.fixture(scope="module")
+def broken_images(images, tmp_path_factory):
+    """The mixed images plus files that cannot be decoded."""
+    folder = tmp_path_factory.mktemp("broken")
+    shutil.copytree(images, folder, dirs_exist_ok=True)
+    good = next(images.rglob("*.jpg")).read_bytes()
+    (folder / "bad").mkdir()
+    (folder / "bad" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "bad" / "empty.png").write_bytes(b"")
+    (folder / "bad" / "text.jpg").write_bytes(b"this is not an image at all")
+    (folder / "bad" / "noise.webp").write_bytes(bytes(range(256)) * 8)
+    (folder / "bad" / "name with [brackets] & spaces.jpg").write_bytes(good)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(broken_images, tiny_model, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = clipbatch.run(spec_dict(broken_images, tiny_model, out, labels={"top_k": 3}))
+    return out, summary
+
+
+def test_summary_and_files(finished):
+    out, summary = finished
+    assert summary.complete and summary.rows == 29 and summary.errors == 4 and summary.device == "cpu"
+    names = sorted(p.name for p in out.iterdir())
+    assert names[-2:] == ["_SUCCESS", "_manifest.json"] or set(names) >= {"_SUCCESS", "_manifest.json"}
+    assert not [n for n in names if n.endswith(".tmp")]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 29, "rows": 29, "errors": 4, "new_rows": 29}
+    assert manifest["classes"] == CLASSES and manifest["model"].startswith("local-dir:")
+    assert manifest["logit_scale"] == pytest.approx(30.0, rel=1e-4) and manifest["clipbatch_version"]
+    assert {"listing_s", "text_head_s", "inference_s", "total_s"} <= set(manifest["timings"])
+
+
+def test_duckdb_reads_output(finished):
+    out, _ = finished
+    con = duckdb.connect()
+    rows, ids, n_scores, n_dims = con.execute(
+        f"SELECT count(*), count(DISTINCT id), min(len(scores)), min(len(embedding)) "
+        f"FROM read_parquet('{out}/part-*.parquet') WHERE error IS NULL").fetchone()
+    assert rows == ids == 25 and n_scores == 5 and n_dims == 64
+    top = con.execute(f"SELECT label, count(*) FROM read_parquet('{out}/*.parquet') "
+                      f"WHERE error IS NULL GROUP BY label").fetchall()
+    assert {label for label, _ in top} <= set(CLASSES)
+
+
+def test_schema_and_metadata(finished):
+    out, _ = finished
+    parts = sorted(out.glob("part-*.parquet"))
+    schema = pq.read_schema(parts[0])
+    assert schema.names == ["id", "source", "width", "height", "label", "score", "top_labels", "top_scores",
+                            "scores", "embedding", "error"]
+    assert schema.field("scores").type == pa.list_(pa.float32(), 5)
+    assert schema.field("embedding").type == pa.list_(pa.float16(), 64)
+    assert schema.field("width").type == pa.int32()
+    meta = read_metadata(schema)
+    assert meta["classes"] == CLASSES and meta["templates"] == ["a photo of a {}.", "a drawing of a {}."]
+    column_encodings = {}
+    rg = pq.ParquetFile(parts[0]).metadata.row_group(0)
+    for i in range(rg.num_columns):
+        column_encodings[rg.column(i).path_in_schema.split(".")[0]] = rg.column(i).encodings
+    for name in ("scores", "embedding"):
+        assert not any("DICTIONARY" in e for e in column_encodings[name]), column_encodings[name]
+
+
+def test_rows_ids_and_errors(finished, broken_images):
+    out, _ = finished
+    table = pq.read_table(out)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    on_disk = {str(p.relative_to(broken_images)) for p in broken_images.rglob("*") if p.is_file()}
+    assert set(rows) == on_disk
+    for name in ("bad/truncated.jpg", "bad/empty.png", "bad/text.jpg", "bad/noise.webp"):
+        row = rows[name]
+        assert row["error"] and row["label"] is None and row["scores"] is None and row["width"] is None
+        assert row["source"] == str(broken_images / name)
+    assert "empty file" in rows["bad/empty.png"]["error"]
+    good = rows["bad/name with [brackets] & spaces.jpg"]
+    assert good["error"] is None and good["label"] in CLASSES
+    ok = rows["group0/img000.jpg"]
+    assert (ok["width"], ok["height"]) == (97, 61)
+    assert ok["top_labels"][0] == ok["label"] and len(ok["top_labels"]) == 3
+    assert ok["top_scores"] == sorted(ok["top_scores"], reverse=True)
+    assert sum(ok["scores"]) == pytest.approx(1.0, abs=1e-4)
+    assert ok["score"] == pytest.approx(max(ok["scores"]), abs=1e-6)
+
+
+def test_rerun_of_finished_job_does_nothing(finished, broken_images, tiny_model):
+    out, _ = finished
+    before = sorted(p.name for p in out.glob("part-*"))
+    summary = clipbatch.run(spec_dict(broken_images, tiny_model, out, labels={"top_k": 3}))
+    assert summary.skipped and summary.new_rows == 0 and summary.rows == 29
+    assert sorted(p.name for p in out.glob("part-*")) == before
+
+
+def test_resume_finishes_only_missing_rows(finished, broken_images, tiny_model, tmp_path):
+    out, _ = finished
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    full = pq.read_table(sorted(out.glob("part-*.parquet"))[0])
+    pq.write_table(full.slice(0, 10), partial / "part-00000-crashed.parquet")  # as if killed after one part
+    summary = clipbatch.run(spec_dict(broken_images, tiny_model, partial, labels={"top_k": 3}))
+    assert summary.complete and summary.new_rows == 19 and summary.rows == 29
+    ids = pq.read_table(partial, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 29 and (partial / "_SUCCESS").exists()
+
+
+def test_resume_refuses_different_classes(finished, broken_images, tiny_model, tmp_path):
+    out, _ = finished
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    (mixed / "_SUCCESS").unlink()
+    with pytest.raises(SpecError, match="different classes"):
+        clipbatch.run(spec_dict(broken_images, tiny_model, mixed, labels={"classes": ["x", "y"], "top_k": 3}))
+
+
+def test_mode_error_and_overwrite(finished, broken_images, tiny_model, tmp_path):
+    out, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with pytest.raises(SpecError, match="already holds output"):
+        clipbatch.run(spec_dict(broken_images, tiny_model, copy, output={"mode": "error"}))
+    summary = clipbatch.run(spec_dict(broken_images, tiny_model, copy, output={"mode": "overwrite"},
+                                      labels={"classes": ["x", "y"]}))
+    assert summary.complete and summary.new_rows == 29
+    assert pq.read_table(copy)["label"].drop_null().unique().to_pylist() != []
