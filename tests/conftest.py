@@ -14,7 +14,9 @@ import helpers  # noqa: E402
 import s3server  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# The test S3 server's identity, in the environment from the start: Ray workers inherit the
+# environment of the moment Ray starts, exactly as they do for a user's `clipbatch run`.
+os.environ.update(s3server.CREDENTIALS)
 
 
 @pytest.fixture(scope="session")
@@ -37,22 +39,15 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """SeaweedFS on free loopback ports, credentials in the environment (before Ray starts)."""
+    """SeaweedFS on free loopback ports; it accepts the credentials in s3server.CREDENTIALS only."""
     server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     yield server
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3):
-    """One local Ray for the session (started after the S3 credentials are in the environment)."""
+def ray_local():
+    """One local Ray for the whole session."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")

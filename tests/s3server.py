@@ -15,6 +15,8 @@ from pathlib import Path
 
 ACCESS_KEY = "clipbatchtestkey"
 SECRET_KEY = "clipbatch-test-secret-Zx81Qw"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+               "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -41,10 +43,6 @@ class S3Server:
     endpoint: str
     process: subprocess.Popen
     workdir: Path
-
-    def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_DEFAULT_REGION": "us-east-1"}
 
     def stop(self) -> None:
         if self.process.poll() is None:

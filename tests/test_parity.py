@@ -45,7 +45,7 @@ def reference(model_name: str, image_paths, root):
 def test_matches_open_clip_reference(request, model_fixture, images, tmp_path, ray_local):
     model_name = request.getfixturevalue(model_fixture)
     spec = spec_dict(images, model_name, tmp_path / "out",
-                     labels={"classes": CLASSES, "templates": TEMPLATES},
+                     model={"precision": "fp32"}, labels={"classes": CLASSES, "templates": TEMPLATES},
                      output={"embedding_dtype": "float32"})
     summary = clipbatch.run(spec)
     assert summary.complete and summary.rows == 24 and summary.errors == 0

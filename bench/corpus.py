@@ -1,0 +1,42 @@
+"""Build a benchmark corpus: N real JPEGs of realistic sizes, with photo-like content."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+SIZES = [(640, 480), (1024, 768)]
+
+
+def make_corpus(folder: Path, n: int, sizes=SIZES, seed: int = 0, quality: int = 90) -> list[Path]:
+    """Smooth random blobs plus grain: compresses and decodes like a photo, unlike pure noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+        pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, size=(h, w, 3))
+        path = folder / f"{i // 1000:03d}" / f"img{i:06d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("folder", type=Path)
+    p.add_argument("-n", type=int, default=2000)
+    p.add_argument("--size", action="append", help="WxH, repeatable (default 640x480 and 1024x768)")
+    args = p.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.size] if args.size else SIZES
+    make_corpus(args.folder, args.n, sizes)
+
+
+if __name__ == "__main__":
+    main()
