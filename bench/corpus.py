@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,10 @@ from PIL import Image, ImageFilter
 SIZES = [(640, 480), (1024, 768)]
 
 
-def make_corpus(folder: Path, n: int, sizes=SIZES, seed: int = 0, quality: int = 90) -> list[Path]:
-    """Smooth random blobs plus grain: compresses and decodes like a photo, unlike pure noise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
+def _make_one(args) -> Path:
+    folder, i, (w, h), seed, quality = args
+    rng = np.random.default_rng([seed, i])
+    small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
         pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, size=(h, w, 3))
         path = folder / f"{i // 1000:03d}" / f"img{i:06d}.jpg"

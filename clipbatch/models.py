@@ -93,6 +93,7 @@ class LoadedModel:
 def load_model(name: str, pretrained: str | None, device: str = "auto", precision: str = "auto") -> LoadedModel:
     """Build model and tokenizer with open_clip's factory, in eval mode on the device."""
     import open_clip
+    import torch
 
     device = pick_device(device)
     precision = pick_precision(precision, device)
@@ -100,6 +101,9 @@ def load_model(name: str, pretrained: str | None, device: str = "auto", precisio
     has_schema = resolved.startswith(("local-dir:", "hf-hub:"))
     pretrained_arg = None if has_schema else (os.path.expanduser(pretrained) if pretrained and
                                                os.path.isfile(os.path.expanduser(pretrained)) else pretrained)
+    # Seeded, so that a model without pretrained weights (benchmarks) is the same in every process:
+    # the text head is built in one process and the images are encoded in others.
+    torch.manual_seed(0)
     model = open_clip.create_model(resolved, pretrained=pretrained_arg, precision=precision, device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(resolved)

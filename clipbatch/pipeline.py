@@ -28,7 +28,7 @@ from clipbatch.schema import output_schema, read_metadata
 from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
 from clipbatch.sources import list_images
 
-ROWS_PER_BLOCK = 256  # listing rows per Ray block: enough blocks for every decode task
+ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 ROWS_PER_PART = 4096  # output rows per Parquet part (about 5 MB with float16 embeddings)
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5

@@ -55,8 +55,8 @@ def ray_local():
     ray.shutdown()
 
 
-def spec_dict(images_path, model: str, out_path, **sections) -> dict:
-    spec = {"name": "test", "input": {"path": str(images_path)}, "model": {"name": model},
+def spec_dict(images_path, model_name: str, out_path, **sections) -> dict:
+    spec = {"name": "test", "input": {"path": str(images_path)}, "model": {"name": model_name},
             "labels": {"classes": ["cat", "dog", "car", "tree", "house"], "templates": ["a photo of a {}.",
                                                                                          "a drawing of a {}."]},
             "output": {"path": str(out_path)}}

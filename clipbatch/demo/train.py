@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seed in (world.DEMO_SEED, world.VAL_SEED):
         p.error("--seed must differ from the demo and validation seeds")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_flush_denormal(True)  # tiny weights/activations otherwise slow CPU kernels down several-fold
     started = time.time()
     model = build_model(args.seed)
     tok = tokenizer()
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
+        if step % 50 == 0 and step % args.eval_every:
+            print(f"step {step:5d}  {time.time() - t0:6.0f}s  loss {loss.item():.3f}  lr {lr:.2e}", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, tok, val_pixels, val_labels)
             history.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss.item(), 4),
