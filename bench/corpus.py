@@ -16,13 +16,23 @@ def _make_one(args) -> Path:
     folder, i, (w, h), seed, quality = args
     rng = np.random.default_rng([seed, i])
     small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
-        pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, size=(h, w, 3))
-        path = folder / f"{i // 1000:03d}" / f"img{i:06d}.jpg"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
-        paths.append(path)
-    return paths
+    img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, size=(h, w, 3))
+    path = folder / f"{i // 1000:03d}" / f"img{i:06d}.jpg"
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
+    return path
+
+
+def make_corpus(folder: Path, n: int, sizes=SIZES, seed: int = 0, quality: int = 90) -> list[Path]:
+    """Smooth random blobs plus grain: compresses and decodes like a photo, unlike pure noise.
+
+    Image i is the same whatever n is, so a 10x corpus contains the 1x one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(folder, i, sizes[i % len(sizes)], seed, quality) for i in range(n)]
+    with ProcessPoolExecutor() as pool:
+        return list(pool.map(_make_one, jobs, chunksize=64))
 
 
 def main() -> None:
