@@ -211,7 +211,10 @@ class Job:
         if todo.num_rows:
             counter = ProgressCounter.remote()
             with ProgressReporter(counter, todo.num_rows):
-                self._dataset(todo, plan, prep, embedding_dtype, counter).write_datasink(sink)
+                dataset = self._dataset(todo, plan, prep, embedding_dtype, counter)
+                dataset.write_datasink(sink)
+            if os.environ.get("CLIPBATCH_RAY_STATS"):
+                print(dataset.stats(), flush=True)
         inference_seconds = time.time() - t0
 
         return self._finish(sink, metadata, plan, started, {
