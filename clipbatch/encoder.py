@@ -50,7 +50,8 @@ class ClipEncoder:
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         x = ((x - self.mean) / self.std).to(self.input_dtype)
         with torch.inference_mode():
-            return self.loaded.model.encode_image(x, normalize=True).float()
+            # Normalized in float32, so that fp16/bf16 embeddings still have unit norm.
+            return torch.nn.functional.normalize(self.loaded.model.encode_image(x).float(), dim=-1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"].astype(str)

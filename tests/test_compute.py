@@ -1,0 +1,104 @@
+"""Devices, precisions and resource plans: what the job asks Ray for, and the encoder alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from clipbatch.config import SpecError, load_spec
+from clipbatch.decode import read_and_decode
+from clipbatch.encoder import ClipEncoder
+from clipbatch.labels import build_text_head
+from clipbatch.models import load_model, pick_device
+from clipbatch.pipeline import ComputePlan
+from conftest import spec_dict
+
+
+def plan(tmp_path, cluster_gpus, **compute):
+    spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out", compute=compute))
+    return ComputePlan.from_spec(spec, cluster_gpus)
+
+
+def test_defaults_adapt_to_cluster(tmp_path):
+    cpu = plan(tmp_path, 0)
+    assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 1, 1, 32)
+    gpu = plan(tmp_path, 4)
+    assert (gpu.device, gpu.gpus_per_actor, gpu.min_actors, gpu.max_actors, gpu.batch_size) == ("cuda", 1, 4, 4, 256)
+
+
+def test_fractional_gpus_and_autoscaling_pool(tmp_path):
+    p = plan(tmp_path, 2, gpus_per_actor=0.5)
+    assert p.max_actors == 4 and p.device == "cuda"
+    p = plan(tmp_path, 2, actors=[1, 3], batch_size=64)
+    assert (p.min_actors, p.max_actors, p.batch_size) == (1, 3, 64)
+    # Logical GPUs on a CPU machine: GPU scheduling, CPU compute.
+    p = plan(tmp_path, 1, device="cpu", gpus_per_actor=1)
+    assert (p.device, p.gpus_per_actor) == ("cpu", 1)
+
+
+def test_impossible_requests_fail_before_work(tmp_path):
+    with pytest.raises(SpecError, match="reports 0 GPUs"):
+        plan(tmp_path, 0, gpus_per_actor=1)
+    with pytest.raises(SpecError, match="device is cuda"):
+        plan(tmp_path, 0, device="cuda")
+
+
+def test_gpu_actor_without_cuda_fails_loudly():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="finds no CUDA device"):
+        pick_device("cuda")
+
+
+@pytest.mark.parametrize("precision, min_cosine", [("fp32", 0.99999), ("bf16", 0.99), ("fp16", 0.995)])
+def test_encoder_precisions_on_cpu(tiny_model, images, precision, min_cosine):
+    loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
+    classes = ["cat", "dog", "car"]
+    head = build_text_head(loaded, classes, ["a photo of a {}."])
+    sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
+    batch = read_and_decode({"id": sources, "source": sources}, json.dumps(loaded.preprocess_cfg), {})
+
+    def run(p):
+        enc = ClipEncoder(tiny_model, None, "cpu", p, head, classes, loaded.logit_scale, None, 2, "float32", 8)
+        return enc(batch)
+
+    reference, table = run("fp32"), run(precision)
+    a = np.stack(reference["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    b = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert ((a * b).sum(1) >= min_cosine).all()
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_logical_gpus_schedule_cpu_actors(tmp_path, tiny_model, images):
+    """A Ray with one logical GPU: the encoder reserves it, computes on CPU when told to, and
+    fails loudly when it would have to find CUDA."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys, ray, clipbatch\n"
+        "ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)\n"
+        "spec = json.loads(sys.argv[1])\n"
+        "s = clipbatch.run(spec)\n"
+        "print('RESULT', json.dumps({'device': s.device, 'rows': s.rows}))\n")
+    spec = spec_dict(images, tiny_model, tmp_path / "out", compute={"device": "cpu", "gpus_per_actor": 1})
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'RESULT {"device": "cpu", "rows": 24}' in proc.stdout
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["compute"]["gpus_per_actor"] == 1.0
+
+    spec = spec_dict(images, tiny_model, tmp_path / "out2")  # device auto -> cuda on the logical GPU
+    proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "finds no CUDA device" in proc.stdout + proc.stderr
