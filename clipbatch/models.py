@@ -52,6 +52,22 @@ def check_model_name(name: str, pretrained: str | None) -> None:
                          f"(known: {', '.join(tags) or 'none'})")
 
 
+def check_hub_model(name: str) -> None:
+    """For hf-hub: models, fetch the small open_clip config now (it is cached for the workers),
+    so that a wrong repo or an unreachable hub fails before any work. Weights come later."""
+    if not name.startswith("hf-hub:"):
+        return
+    from huggingface_hub import hf_hub_download
+
+    repo = name.removeprefix("hf-hub:")
+    try:
+        hf_hub_download(repo, "open_clip_config.json")
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model '{name}': cannot fetch its open_clip_config.json from the Hugging Face "
+                         f"hub ({type(exc).__name__}: {reason[:200]})") from None
+
+
 def pick_device(requested: str) -> str:
     """'auto' means CUDA when this process can see a GPU."""
     import torch

@@ -22,7 +22,7 @@ from clipbatch import __version__
 from clipbatch.config import JobSpec, SpecError, load_spec
 from clipbatch.encoder import ClipEncoder
 from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
-from clipbatch.models import load_model, resolve_model_name
+from clipbatch.models import check_hub_model, load_model, resolve_model_name
 from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
@@ -119,6 +119,10 @@ class Job:
     def __init__(self, spec: JobSpec):
         started = time.time()
         self.spec = spec
+        try:
+            check_hub_model(spec.model.name)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
         self.classes = resolve_classes(spec.labels, spec.input.storage_options)
         self.templates = resolve_templates(spec.labels.templates)
         self.listing = list_images(spec.input)
@@ -258,6 +262,7 @@ class Job:
         manifest = {**{k: v for k, v in metadata.items() if k != "fingerprint"},
                     "name": self.spec.name, "input": _json_safe(self.spec.input.path),
                     "output": self.out.url, "device": plan.device, "compute": asdict(plan),
+                    "ray": ray_cluster_info(),
                     "counts": {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows},
                     "timings": timings, "parts": [p.rsplit("/", 1)[-1] for p in parts],
                     "fingerprint": self.fingerprint, "complete": complete,
@@ -274,6 +279,16 @@ def build(spec_or_path, overrides: dict | None = None) -> Job:
     spec = spec_or_path if isinstance(spec_or_path, JobSpec) and not overrides else \
         load_spec(spec_or_path, overrides)
     return Job(spec)
+
+
+def ray_cluster_info() -> dict:
+    """Which Ray ran the job: enough to tell a local run from a cluster run afterwards."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return {"address": os.environ.get("RAY_ADDRESS") or "local",
+            "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
 def init_ray() -> None:

@@ -77,3 +77,11 @@ def test_smallest_spec_has_defaults(tmp_path, tiny_model, images):
                       "labels": {"classes": ["a"]}, "output": {"path": str(tmp_path)}})
     assert spec.labels.templates == "openai" and spec.output.mode == "resume"
     assert spec.compute.device == "auto" and spec.output.embedding_dtype == "float16"
+
+
+def test_unreachable_hub_model_fails_before_work(tmp_path, capsys, images, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = spec_dict(images, "hf-hub:no-such-org/no-such-clip", tmp_path / "out")
+    assert run_cli(tmp_path, spec, command="run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hf-hub:no-such-org/no-such-clip" in err and "hub" in err, err
