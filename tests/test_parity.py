@@ -65,3 +65,28 @@ def test_matches_open_clip_reference(request, model_fixture, images, tmp_path, r
     if model_fixture == "siglip_model":
         sums = np.array([sum(r["scores"]) for r in rows.values()])
         assert not np.allclose(sums, 1.0), "SigLIP-style scores are independent sigmoids, not a softmax"
+
+
+@pytest.mark.slow
+def test_builtin_name_with_checkpoint_file(tmp_path, images, ray_local):
+    """`pretrained: /path/ckpt.pt` with a built-in open_clip name loads those weights (not a random init)."""
+    torch.manual_seed(123)
+    model = open_clip.create_model("ViT-S-32-alt")
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), ckpt)
+    del model
+    paths = sorted(images.rglob("*.png"))[:4]
+    spec = spec_dict(paths[0].parent, "ViT-S-32-alt", tmp_path / "out",
+                     model={"pretrained": str(ckpt), "precision": "fp32"},
+                     labels={"classes": CLASSES, "templates": TEMPLATES}, output={"embedding_dtype": "float32"})
+    spec["input"]["path"] = [str(p) for p in paths]
+    assert clipbatch.run(spec).complete
+
+    ref_model, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32-alt", pretrained=str(ckpt))
+    ref_model.eval()
+    rows = {r["source"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    with torch.no_grad():
+        for path in paths:
+            ref = ref_model.encode_image(preprocess(Image.open(path)).unsqueeze(0), normalize=True)[0].numpy()
+            got = np.asarray(rows[str(path)]["embedding"], dtype=np.float32)
+            assert float(got @ ref) >= 0.999
