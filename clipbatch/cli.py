@@ -1,4 +1,4 @@
-"""`clipbatch run|validate ...`: the command line over the pipeline."""
+"""`clipbatch run|validate|demo ...`: the command line over the pipeline."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check a spec and list its inputs without running anything")
     _add_spec_args(p)
     p.set_defaults(func=cmd_validate)
+    from clipbatch.demo.command import add_demo_parser
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
