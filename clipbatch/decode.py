@@ -2,6 +2,7 @@
 
 Runs in CPU tasks. The geometric part of the model's own eval transform
 (open_clip ``image_transform_v2`` without ToTensor/Normalize) is applied here,
+for the default config by an equivalent that needs no torch,
 and the pixels travel as uint8 (4x smaller than float32); the encoder actor
 scales and normalizes them on its device. An image that cannot be read or
 decoded becomes a row with ``error`` set and blank pixels: it is never dropped.
@@ -25,20 +26,55 @@ FAILED_SIZE = -1
 NO_ERROR = ""
 
 
-@functools.lru_cache(maxsize=8)
-def _geometric_transform(preprocess_cfg_json: str):
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+def _shortest_edge_then_center_crop(size: int, resample: int):
+    """open_clip's default eval geometry (resize_mode 'shortest', square size) without torch.
 
-    cfg = PreprocessCfg(**json.loads(preprocess_cfg_json))
+    The same arithmetic as torchvision's Resize(size) and CenterCrop(size) on PIL images,
+    then convert('RGB'), in the same order; tests/test_decode.py checks it pixel for pixel
+    against open_clip's own transform. It keeps decode workers free of a 4 s torch import.
+    """
+    def apply(img: Image.Image) -> Image.Image:
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size, int(size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        img = img.resize((new_w, new_h), resample)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        return img.crop((left, top, left + size, top + size)).convert("RGB")
+    return apply
+
+
+def _open_clip_geometry(cfg):
+    """Any other preprocess config: open_clip's own eval transform minus ToTensor/Normalize."""
+    from open_clip.transform import image_transform_v2
+
     steps = image_transform_v2(cfg, is_train=False).transforms
     # The last two steps are ToTensor and Normalize; those happen on the encoder's device.
     assert type(steps[-1]).__name__ == "Normalize" and "ToTensor" in type(steps[-2]).__name__, steps
-    return steps[:-2], tuple(np.broadcast_to(cfg.size, 2))
+
+    def apply(img: Image.Image) -> Image.Image:
+        for step in steps[:-2]:
+            img = step(img)
+        return img
+    return apply
+
+
+@functools.lru_cache(maxsize=8)
+def _geometric_transform(preprocess_cfg_json: str):
+    """(callable PIL image -> resized, cropped RGB PIL image, (height, width)) for a preprocess config."""
+    cfg = json.loads(preprocess_cfg_json)
+    height, width = np.broadcast_to(cfg.get("size", 224), 2)
+    if cfg.get("resize_mode", "shortest") == "shortest" and height == width and cfg.get("mode", "RGB") == "RGB":
+        resample = Image.Resampling.BILINEAR if cfg.get("interpolation") == "bilinear" else Image.Resampling.BICUBIC
+        return _shortest_edge_then_center_crop(int(height), resample), (int(height), int(width))
+    from open_clip.transform import PreprocessCfg
+
+    return _open_clip_geometry(PreprocessCfg(**cfg)), (int(height), int(width))
 
 
 def decode_image(data: bytes, preprocess_cfg_json: str) -> tuple[np.ndarray, int, int]:
     """One encoded image -> (pixels HxWx3 uint8, original width, original height)."""
-    steps, _ = _geometric_transform(preprocess_cfg_json)
+    geometry, _ = _geometric_transform(preprocess_cfg_json)
     if not data:
         raise ValueError("empty file")
     with warnings.catch_warnings():
@@ -47,9 +83,7 @@ def decode_image(data: bytes, preprocess_cfg_json: str) -> tuple[np.ndarray, int
             img.load()
             img = ImageOps.exif_transpose(img)
     width, height = img.size
-    for step in steps:
-        img = step(img)
-    pixels = np.asarray(img, dtype=np.uint8)
+    pixels = np.asarray(geometry(img), dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"unexpected decoded shape {pixels.shape}")
     return pixels, width, height

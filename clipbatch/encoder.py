@@ -25,7 +25,9 @@ class ClipEncoder:
 
     def __init__(self, model_name: str, pretrained: str | None, device: str, precision: str,
                  text_head: np.ndarray, classes: list[str], logit_scale: float, logit_bias: float | None,
-                 top_k: int, embedding_dtype: str | None, batch_size: int):
+                 top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.loaded = load_model(model_name, pretrained, device=device, precision=precision)
         self.device = self.loaded.device
         self.classes = np.asarray(classes, dtype=object)

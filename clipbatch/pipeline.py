@@ -44,9 +44,10 @@ class ComputePlan:
     min_actors: int
     max_actors: int
     batch_size: int
+    torch_threads: int  # intra-op threads of a CPU actor: the node's cores shared by its actors
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, cluster_gpus: float) -> "ComputePlan":
+    def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1) -> "ComputePlan":
         c = spec.compute
         if c.gpus_per_actor == "auto":
             gpus = 1.0 if cluster_gpus >= 1 and c.device != "cpu" else 0.0
@@ -64,7 +65,11 @@ class ComputePlan:
         else:
             low, high = c.actors
         batch = c.batch_size if c.batch_size != "auto" else (256 if device == "cuda" else 32)
-        return cls(device, gpus, c.cpus_per_actor, low, high, batch)
+        # Ray pins an actor to as many threads as CPUs it reserved (1 by default), which halves a
+        # CPU encoder on a 2-core machine; decode tasks are light next to a CPU forward pass.
+        threads = max(math.ceil(c.cpus_per_actor), math.floor(cpus_per_node / high)) if device == "cpu" \
+            else math.ceil(c.cpus_per_actor)
+        return cls(device, gpus, c.cpus_per_actor, low, high, batch, threads)
 
 
 @dataclass
@@ -188,7 +193,8 @@ class Job:
                               time.time() - started, 0.0, manifest.get("device", "?"), True, skipped=True)
 
         init_ray()
-        plan = ComputePlan.from_spec(self.spec, ray.cluster_resources().get("GPU", 0))
+        cluster = ray_cluster_info()
+        plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]))
         print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
               f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
               f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
@@ -245,7 +251,8 @@ class Job:
                                  "precision": self.spec.model.precision, "text_head": prep["text_head"],
                                  "classes": self.classes, "logit_scale": prep["logit_scale"],
                                  "logit_bias": prep["logit_bias"], "top_k": self.spec.labels.top_k,
-                                 "embedding_dtype": embedding_dtype, "batch_size": plan.batch_size}))
+                                 "embedding_dtype": embedding_dtype, "batch_size": plan.batch_size,
+                                 "torch_threads": plan.torch_threads}))
 
     def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
                 timings: dict) -> RunSummary:

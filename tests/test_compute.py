@@ -20,9 +20,9 @@ from clipbatch.pipeline import ComputePlan
 from conftest import spec_dict
 
 
-def plan(tmp_path, cluster_gpus, **compute):
+def plan(tmp_path, cluster_gpus, cpus_per_node=2, **compute):
     spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out", compute=compute))
-    return ComputePlan.from_spec(spec, cluster_gpus)
+    return ComputePlan.from_spec(spec, cluster_gpus, cpus_per_node)
 
 
 def test_defaults_adapt_to_cluster(tmp_path):
@@ -30,6 +30,8 @@ def test_defaults_adapt_to_cluster(tmp_path):
     assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 1, 1, 32)
     gpu = plan(tmp_path, 4)
     assert (gpu.device, gpu.gpus_per_actor, gpu.min_actors, gpu.max_actors, gpu.batch_size) == ("cuda", 1, 4, 4, 256)
+    assert cpu.torch_threads == 2 and gpu.torch_threads == 1  # a CPU actor uses the node's cores
+    assert plan(tmp_path, 0, cpus_per_node=16, actors=4).torch_threads == 4
 
 
 def test_fractional_gpus_and_autoscaling_pool(tmp_path):
