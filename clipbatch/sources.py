@@ -25,6 +25,7 @@ LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 @dataclass
 class _Found:
+    fs: object  # the fsspec filesystem the files are on
     root: str  # protocol-less directory that ids are relative to
     files: list[str]  # protocol-less file paths
 
@@ -46,37 +47,42 @@ def _is_image(path: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _find_one(fs, entry: str) -> _Found:
+def _find_one(entry: str, storage_options: dict) -> _Found:
+    fs = filesystem_for(entry, storage_options)
     path = fs._strip_protocol(entry)
     if _has_magic(path):
         matches = fs.glob(path, detail=True)
-        return _Found(_glob_root(path), sorted(p for p, info in matches.items() if info["type"] == "file"))
+        return _Found(fs, _glob_root(path), sorted(p for p, info in matches.items() if info["type"] == "file"))
     if fs.isdir(path):
-        return _Found(path, sorted(p for p in fs.find(path) if _is_image(p)))
+        return _Found(fs, path, sorted(p for p in fs.find(path) if _is_image(p)))
     if not fs.isfile(path):
         raise SpecError(f"input.path: {entry} does not exist")
     if path.lower().endswith(LIST_EXTENSIONS):
-        return _from_list_file(fs, path)
-    return _Found(posixpath.dirname(path), [path])
+        return _from_list_file(fs, path, storage_options)
+    return _Found(fs, posixpath.dirname(path), [path])
 
 
-def _from_list_file(fs, path: str) -> _Found:
-    """A text file of URIs; relative entries are relative to the file's folder."""
-    base = posixpath.dirname(path)
-    with fs.open(path, "r", encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    files = [fs._strip_protocol(line) if "://" in line or line.startswith("/")
-             else posixpath.join(base, line) for line in lines]
-    return _Found(_common_dir(files), files)
+def _from_list_file(list_fs, path: str, storage_options: dict) -> _Found:
+    """A text file of URIs, taken as they are (nothing is opened or checked: a missing file becomes an
+    error row). Relative entries are relative to the list file's folder."""
+    base = list_fs.unstrip_protocol(posixpath.dirname(path)) if not _is_local(list_fs) else posixpath.dirname(path)
+    with list_fs.open(path, "r", encoding="utf-8") as f:
+        uris = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    uris = [u if "://" in u or u.startswith("/") else posixpath.join(base, u) for u in uris]
+    if not uris:
+        return _Found(list_fs, "", [])
+    fs = filesystem_for(uris[0], storage_options)
+    files = [fs._strip_protocol(u) for u in uris]
+    return _Found(fs, _common_dir(files), files)
 
 
 def _common_dir(paths: list[str]) -> str:
-    if not paths:
-        return ""
     if len(paths) == 1:
         return posixpath.dirname(paths[0])
-    return posixpath.commonpath(paths) if all(p.startswith("/") for p in paths) or \
-        not any(p.startswith("/") for p in paths) else ""
+    try:
+        return posixpath.commonpath(paths)
+    except ValueError:  # absolute and relative paths mixed
+        return ""
 
 
 def _entries(path: str | list[str]) -> list[str]:
@@ -89,31 +95,43 @@ def filesystem_for(url: str, storage_options: dict):
     return fs
 
 
-def _source_uri(fs, path: str) -> str:
-    return path if "file" in fs.protocol or "local" in fs.protocol else fs.unstrip_protocol(path)
+def _is_local(fs) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+def _one_protocol(entries: list[str]) -> list[str]:
+    protocols = {fsspec.core.split_protocol(e)[0] or "file" for e in entries}
+    if len(protocols) > 1:
+        raise SpecError(f"input.path mixes storage protocols {sorted(protocols)}; use one per job")
+    return entries
+
+
+def _find_or_explain(entry: str, storage_options: dict) -> _Found:
+    try:
+        return _find_one(entry, storage_options)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(f"input.path: cannot list {entry}: {redact(f'{type(exc).__name__}: {exc}')}") from None
 
 
 def list_images(spec: InputSpec) -> pa.Table:
     """All inputs as an Arrow table (id, source), sorted by source, no duplicates."""
     entries = _entries(spec.path)
-    protocols = {fsspec.core.split_protocol(e)[0] or "file" for e in entries}
+    found = [_find_or_explain(entry, spec.storage_options) for entry in _one_protocol(entries)]
+    protocols = {str(f.fs.protocol) for f in found if f.files}
     if len(protocols) > 1:
         raise SpecError(f"input.path mixes storage protocols {sorted(protocols)}; use one per job")
-    fs = filesystem_for(entries[0], spec.storage_options)
-    try:
-        found = [_find_one(fs, entry) for entry in entries]
-    except SpecError:
-        raise
-    except Exception as exc:
-        raise SpecError(f"input.path: cannot list {entries[0]}: {redact(f'{type(exc).__name__}: {exc}')}") \
-            from None
+    found = [f for f in found if f.files]
+    if not found:
+        raise SpecError(f"input.path: no images found in {spec.path}")
+    fs = found[0].fs
     root = found[0].root if len(found) == 1 else _common_dir([f.root + "/" for f in found])
-    sources: dict[str, str] = {}
+    ids: dict[str, str] = {}
     for group in found:
         for file in group.files:
-            sources.setdefault(file, posixpath.relpath(file, root) if root else file.lstrip("/"))
-    if not sources:
-        raise SpecError(f"input.path: no images found in {spec.path}")
-    ordered = sorted(sources)
-    return pa.table({"id": pa.array([sources[p] for p in ordered], pa.string()),
-                     "source": pa.array([_source_uri(fs, p) for p in ordered], pa.string())})
+            ids.setdefault(file, posixpath.relpath(file, root) if root else file.lstrip("/"))
+    ordered = sorted(ids)
+    local = _is_local(fs)
+    return pa.table({"id": pa.array([ids[p] for p in ordered], pa.string()),
+                     "source": pa.array([p if local else fs.unstrip_protocol(p) for p in ordered], pa.string())})

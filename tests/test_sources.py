@@ -73,3 +73,11 @@ def test_missing_inputs(path, message):
 def test_mixed_protocols_refused(images):
     with pytest.raises(SpecError, match="mixes storage protocols"):
         list_images(InputSpec(path=[str(images), "s3://bucket/x"]))
+
+
+def test_list_file_of_remote_uris_is_not_read(tmp_path):
+    """A million-URI list is planned without touching the store: entries are taken as written."""
+    listing = tmp_path / "uris.txt"
+    listing.write_text("s3://bucket/shards/a/1.jpg\ns3://bucket/shards/b/2.jpg\n")
+    rows = listed(str(listing), storage_options={"endpoint_url": "http://127.0.0.1:9"})
+    assert rows == {"a/1.jpg": "s3://bucket/shards/a/1.jpg", "b/2.jpg": "s3://bucket/shards/b/2.jpg"}

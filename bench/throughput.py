@@ -1,0 +1,274 @@
+"""Throughput harness: clipbatch against the loops a user would write, measured in the same run.
+
+    python bench/throughput.py                  # 2000 JPEGs 640x480, ViT-B-32, modes a b c d
+    python bench/throughput.py --smoke          # tiny corpus and model: for the tests
+    python bench/throughput.py --scaling        # clipbatch on the 1x and 10x corpus: time and peak RSS
+    python bench/throughput.py --listing 1000000  # plan a job over a file of 1M URIs
+
+(a) the seeds' per-image loop: open, preprocess and encode one image at a time (start-up excluded)
+(b) a tuned single-process loop: DataLoader workers decode and preprocess, the model runs batched,
+    Parquet out (start-up included)
+(c) the model's pure batched forward rate on random tensors (the ceiling)
+(d) `clipbatch run` in a fresh process with default compute settings (Ray start-up and model load
+    included)
+
+Prints img/s for each, the ratios d/a, d/b and d/c, peak RSS of the clipbatch driver and of its
+Ray workers, and one JSON record at the end. Machines here are noisy: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from corpus import make_corpus  # noqa: E402
+
+CLASSES = [f"class {i}" for i in range(100)]
+
+
+def load(model: str, pretrained: str | None):
+    import open_clip
+    import torch
+
+    from clipbatch.models import resolve_model_name
+
+    torch.manual_seed(0)
+    model = resolve_model_name(model)
+    m, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained)
+    m.eval()
+    tokenizer = open_clip.get_tokenizer(model)
+    with torch.no_grad():
+        head = m.encode_text(tokenizer([f"a photo of a {c}." for c in CLASSES]), normalize=True)
+    return m, preprocess, head
+
+
+def per_image_loop(paths, model, pretrained) -> float:
+    """(a) The seeds' style: one image at a time."""
+    import torch
+    from PIL import Image
+
+    m, preprocess, head = load(model, pretrained)
+    started = time.time()
+    with torch.no_grad():
+        for path in paths:
+            x = preprocess(Image.open(path)).unsqueeze(0)
+            emb = m.encode_image(x, normalize=True)
+            (100.0 * emb @ head.T).softmax(-1)
+    return len(paths) / (time.time() - started)
+
+
+class _Images:
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.preprocess(Image.open(self.paths[i]))
+
+
+def dataloader_loop(paths, model, pretrained, out: Path, batch_size=32, workers=2) -> float:
+    """(b) A tuned loop: DataLoader workers preprocess, batched model, Parquet out; start-up included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    started = time.time()
+    m, preprocess, head = load(model, pretrained)
+    loader = torch.utils.data.DataLoader(_Images(paths, preprocess), batch_size=batch_size,
+                                         num_workers=workers, persistent_workers=False)
+    embs, probs = [], []
+    with torch.no_grad():
+        for x in loader:
+            emb = m.encode_image(x, normalize=True)
+            embs.append(emb.half().numpy())
+            probs.append((m.logit_scale.exp() * emb @ head.T).softmax(-1).numpy())
+    emb, prob = np.concatenate(embs), np.concatenate(probs)
+    pq.write_table(pa.table({
+        "id": [str(p) for p in paths],
+        "scores": pa.FixedSizeListArray.from_arrays(pa.array(prob.reshape(-1)), prob.shape[1]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])}), out)
+    return len(paths) / (time.time() - started)
+
+
+def forward_ceiling(model, pretrained, batch_size=32, batches=8) -> float:
+    """(c) Pure batched forward on random tensors, fp32."""
+    import torch
+
+    m, preprocess, _ = load(model, pretrained)
+    size = m.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    x = torch.randn(batch_size, 3, size, size)
+    with torch.no_grad():
+        m.encode_image(x)
+        started = time.time()
+        for _ in range(batches):
+            m.encode_image(x)
+    return batch_size * batches / (time.time() - started)
+
+
+class RssSampler:
+    """Peak RSS of a process and, separately, of the largest Ray worker, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.driver_peak = 0
+        self.worker_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        import psutil
+
+        while not self._stop.wait(0.2):
+            try:
+                self.driver_peak = max(self.driver_peak, self.root.memory_info().rss)
+            except psutil.Error:
+                pass
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    if "ray::" in cmd or "default_worker.py" in cmd:
+                        self.worker_peak = max(self.worker_peak, proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) -> dict:
+    """(d) `clipbatch run` in a fresh process, default compute settings."""
+    import yaml
+
+    spec = {"name": "bench", "input": {"path": str(images)},
+            "model": {"name": model, **({"pretrained": pretrained} if pretrained else {})},
+            "labels": {"classes": CLASSES, "templates": ["a photo of a {}."]},
+            "output": {"path": str(out), "mode": "overwrite"}}
+    job = out.parent / f"{out.name}.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": "", **(extra_env or {})}
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "clipbatch.cli", "run", str(job)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with RssSampler(proc.pid) as rss:
+        log, _ = proc.communicate()
+    seconds = time.time() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"clipbatch run failed:\n{log[-3000:]}")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    return {"seconds": round(seconds, 2), "rows": manifest["counts"]["rows"],
+            "img_per_s": manifest["counts"]["rows"] / seconds, "timings": manifest["timings"],
+            "driver_peak_rss_mb": round(rss.driver_peak / 2**20), "worker_peak_rss_mb": round(rss.worker_peak / 2**20)}
+
+
+def compare(args, work: Path) -> dict:
+    paths = make_corpus(work / "images", args.n, [tuple(args.size)])
+    print(f"corpus: {len(paths)} JPEGs {args.size[0]}x{args.size[1]} in {work / 'images'}", flush=True)
+    record = {"n": len(paths), "model": args.model, "size": args.size}
+    d = clipbatch_run(work / "images", args.model, args.pretrained, work / "out")
+    record["d_clipbatch"] = d
+    print(f"(d) clipbatch run          {d['img_per_s']:7.2f} img/s  ({d['seconds']} s, driver peak "
+          f"{d['driver_peak_rss_mb']} MB, largest worker {d['worker_peak_rss_mb']} MB)", flush=True)
+    record["c_forward"] = forward_ceiling(args.model, args.pretrained)
+    print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s", flush=True)
+    record["b_dataloader"] = dataloader_loop(paths, args.model, args.pretrained, work / "loop.parquet")
+    print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s", flush=True)
+    a_paths = paths[: max(32, len(paths) // 4)]
+    record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
+    print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)", flush=True)
+    rate = d["img_per_s"]
+    record["ratios"] = {"d/a": rate / record["a_per_image"], "d/b": rate / record["b_dataloader"],
+                        "d/c": rate / record["c_forward"]}
+    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
+    return record
+
+
+def scaling(args, work: Path) -> dict:
+    record = {}
+    for factor in (1, 10):
+        folder = work / f"images-{factor}x"
+        make_corpus(folder, args.n * factor, [tuple(args.size)])
+        r = clipbatch_run(folder, args.model, args.pretrained, work / f"out-{factor}x")
+        record[f"{factor}x"] = r
+        print(f"{factor:>2}x: {r['rows']} images in {r['seconds']} s ({r['img_per_s']:.2f} img/s), driver peak "
+              f"{r['driver_peak_rss_mb']} MB, largest worker {r['worker_peak_rss_mb']} MB", flush=True)
+    one, ten = record["1x"], record["10x"]
+    record["time_ratio"] = ten["seconds"] / one["seconds"]
+    record["driver_rss_ratio"] = ten["driver_peak_rss_mb"] / one["driver_peak_rss_mb"]
+    record["worker_rss_ratio"] = ten["worker_peak_rss_mb"] / one["worker_peak_rss_mb"]
+    print(f"10x/1x: time {record['time_ratio']:.2f}, driver RSS {record['driver_rss_ratio']:.2f}, "
+          f"worker RSS {record['worker_rss_ratio']:.2f}", flush=True)
+    return record
+
+
+def listing(args, work: Path) -> dict:
+    """Plan (validate + list) a job over a file of N URIs that need not exist; nothing is read."""
+    uris = work / "uris.txt"
+    with open(uris, "w") as f:
+        for i in range(args.listing):
+            f.write(f"s3://bench-bucket/shard{i // 10000:04d}/img{i:08d}.jpg\n")
+    code = ("import time, resource, clipbatch.pipeline as p; t = time.time(); "
+            f"job = p.build({{'input': {{'path': '{uris}'}}, 'model': {{'name': 'ViT-B-32'}}, "
+            f"'labels': {{'classes': ['a']}}, 'output': {{'path': '{work / 'plan-out'}'}}}}); "
+            "print(job.listing.num_rows, time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    rows, plan_s, rss_kb = out.split()[-3:]
+    record = {"uris": int(rows), "plan_s": float(plan_s), "process_s": time.time() - started,
+              "driver_peak_rss_mb": int(rss_kb) // 1024}
+    print(f"planned {record['uris']:,} URIs in {record['plan_s']:.1f} s (process {record['process_s']:.1f} s), "
+          f"driver peak RSS {record['driver_peak_rss_mb']} MB", flush=True)
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--pretrained", default=None, help="default: random weights (speed only)")
+    p.add_argument("--smoke", action="store_true", help="a few images and a tiny model: checks the harness runs")
+    p.add_argument("--scaling", action="store_true")
+    p.add_argument("--listing", type=int, default=0, metavar="N")
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--json", type=Path, help="also write the record here")
+    args = p.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.n, args.size, args.model = min(args.n, 48), [160, 120], "clipbatch-demo"
+    if args.listing:
+        record = {"listing": listing(args, work)}
+    elif args.scaling:
+        record = {"scaling": scaling(args, work)}
+    else:
+        record = {"compare": compare(args, work)}
+    text = json.dumps(record, default=float)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
