@@ -16,7 +16,7 @@ import torch
 
 from clipbatch.decode import FAILED_SIZE, NO_ERROR
 from clipbatch.labels import class_probabilities, top_k
-from clipbatch.models import load_model
+from clipbatch.models import comparable_preprocess, load_model
 from clipbatch.schema import fixed_size_lists, output_schema, variable_lists
 
 
@@ -25,10 +25,15 @@ class ClipEncoder:
 
     def __init__(self, model_name: str, pretrained: str | None, device: str, precision: str,
                  text_head: np.ndarray, classes: list[str], logit_scale: float, logit_bias: float | None,
-                 top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None):
+                 top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
+                 expected_preprocess: dict | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.loaded = load_model(model_name, pretrained, device=device, precision=precision)
+        actual = comparable_preprocess(self.loaded.preprocess_cfg)
+        if expected_preprocess is not None and actual != expected_preprocess:
+            raise RuntimeError(f"images were prepared for {expected_preprocess} but the loaded model expects "
+                               f"{actual}; please report this with the model name")
         self.device = self.loaded.device
         self.classes = np.asarray(classes, dtype=object)
         self.text_head = torch.from_numpy(np.array(text_head, dtype=np.float32)).to(self.device)

@@ -68,6 +68,43 @@ def check_hub_model(name: str) -> None:
                          f"hub ({type(exc).__name__}: {reason[:200]})") from None
 
 
+def preprocess_config(name: str, pretrained: str | None) -> dict:
+    """The model's image preprocess config, in a fraction of a second and without downloading weights.
+
+    The model is built on the meta device (no memory, no weights); a pretrained tag's own
+    preprocessing (mean, std, interpolation, resize mode) is merged in as open_clip's factory does.
+    The encoder checks this against the config of the model it really loads.
+    """
+    import open_clip
+    import torch
+    from open_clip.transform import merge_preprocess_dict
+
+    resolved = resolve_model_name(name)
+    if resolved.startswith("hf-hub:"):  # read the config only: create_model would fetch the weights
+        from huggingface_hub import hf_hub_download
+
+        config = hf_hub_download(resolved.removeprefix("hf-hub:"), "open_clip_config.json")
+        resolved = f"local-dir:{Path(config).parent}"
+    with torch.device("meta"):
+        model = open_clip.create_model(resolved, pretrained=None, load_weights=False, device="meta",
+                                       pretrained_text=False)
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    if pretrained and not resolved.startswith(("local-dir:", "hf-hub:")):
+        tag_cfg = open_clip.get_pretrained_cfg(resolved.replace("/", "-"), pretrained)
+        if tag_cfg:
+            cfg = merge_preprocess_dict(cfg, tag_cfg)
+    return comparable_preprocess(cfg)
+
+
+def comparable_preprocess(cfg: dict) -> dict:
+    """A preprocess config as plain JSON types, so that two of them compare equal when they mean the same."""
+    size = cfg.get("size", 224)
+    size = [int(v) for v in size] if isinstance(size, (list, tuple)) else [int(size), int(size)]
+    return {"size": size, "mode": cfg.get("mode", "RGB"), "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]], "interpolation": cfg.get("interpolation", "bicubic"),
+            "resize_mode": cfg.get("resize_mode", "shortest"), "fill_color": int(cfg.get("fill_color", 0))}
+
+
 def pick_device(requested: str) -> str:
     """'auto' means CUDA when this process can see a GPU."""
     import torch

@@ -22,7 +22,7 @@ from clipbatch import __version__
 from clipbatch.config import JobSpec, SpecError, load_spec
 from clipbatch.encoder import ClipEncoder
 from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
-from clipbatch.models import check_hub_model, load_model, resolve_model_name
+from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
 from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
@@ -93,19 +93,32 @@ def fingerprint(spec: JobSpec, classes: list[str], templates: list[str]) -> dict
             "embedding_dtype": spec.output.embedding_dtype if spec.output.embeddings else None}
 
 
-def _prepare_text_head(model_name, pretrained, device, precision, classes, templates) -> dict:
-    """Runs once per job, as a Ray task placed like an encoder actor."""
+def _prepare_text_head(model_name, pretrained, device, precision, classes, templates, metadata,
+                       embedding_dtype) -> tuple[dict, pa.Schema]:
+    """Runs once per job, as a Ray task placed like an encoder actor, while the pipeline starts.
+
+    Returns the text head for the encoders and the output schema (with the model's logit scale
+    and bias in its metadata) for the sink.
+    """
     loaded = load_model(model_name, pretrained, device=device, precision=precision)
     head = build_text_head(loaded, classes, templates)
-    return {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
-            "preprocess_cfg": loaded.preprocess_cfg, "precision": loaded.precision, "device": loaded.device}
+    metadata = {**metadata, "precision": loaded.precision, "logit_scale": loaded.logit_scale,
+                "logit_bias": loaded.logit_bias, "embedding_dim": int(head.shape[1])}
+    prepared = {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
+                "metadata": metadata, "seconds": time.time()}
+    return prepared, output_schema(len(classes), head.shape[1], embedding_dtype, metadata)
 
 
 class _CountingEncoder(ClipEncoder):
-    """The encoder, reporting each batch to the job's progress counter (keeps encoder.py free of Ray)."""
+    """The encoder, fed by the text-head task and reporting each batch to the job's progress
+    counter (this wrapper keeps encoder.py free of Ray)."""
 
-    def __init__(self, counter, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, counter, prepared, **kwargs):
+        import ray
+
+        prepared = ray.get(prepared)
+        super().__init__(text_head=prepared["text_head"], logit_scale=prepared["logit_scale"],
+                         logit_bias=prepared["logit_bias"], **kwargs)
         self.counter = counter
 
     def __call__(self, batch):
@@ -128,6 +141,7 @@ class Job:
             check_hub_model(spec.model.name)
         except ValueError as exc:
             raise SpecError(str(exc)) from None
+        self.preprocess_cfg = preprocess_config(spec.model.name, spec.model.pretrained)
         self.classes = resolve_classes(spec.labels, spec.input.storage_options)
         self.templates = resolve_templates(spec.labels.templates)
         self.listing = list_images(spec.input)
@@ -201,58 +215,49 @@ class Job:
               f"batch {plan.batch_size}", flush=True)
 
         t0 = time.time()
-        prep = ray.get(ray.remote(_prepare_text_head).options(
-            num_cpus=1, num_gpus=plan.gpus_per_actor).remote(
-            resolve_model_name(self.spec.model.name), self.spec.model.pretrained, plan.device,
-            self.spec.model.precision, self.classes, self.templates))
-        text_head_seconds = time.time() - t0
-
-        metadata = {"clipbatch_version": __version__, "model": self.spec.model.name,
-                    "pretrained": self.spec.model.pretrained, "precision": prep["precision"],
-                    "classes": self.classes, "templates": self.templates,
-                    "logit_scale": prep["logit_scale"], "logit_bias": prep["logit_bias"],
-                    "embedding_dim": int(prep["text_head"].shape[1]),
-                    "preprocess_cfg": _json_safe(prep["preprocess_cfg"]), "fingerprint": self.fingerprint}
         embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None
-        schema = output_schema(len(self.classes), metadata["embedding_dim"], embedding_dtype, metadata)
+        metadata = {"clipbatch_version": __version__, "model": self.spec.model.name,
+                    "pretrained": self.spec.model.pretrained, "classes": self.classes,
+                    "templates": self.templates, "preprocess_cfg": self.preprocess_cfg,
+                    "fingerprint": self.fingerprint}
+        prepared, schema = ray.remote(_prepare_text_head).options(
+            num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(
+            resolve_model_name(self.spec.model.name), self.spec.model.pretrained, plan.device,
+            self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype)
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema, ROWS_PER_PART)
-
-        t0 = time.time()
         if todo.num_rows:
             counter = ProgressCounter.remote()
             with ProgressReporter(counter, todo.num_rows):
-                dataset = self._dataset(todo, plan, prep, embedding_dtype, counter)
+                dataset = self._dataset(todo, plan, prepared, embedding_dtype, counter)
                 dataset.write_datasink(sink)
             if os.environ.get("CLIPBATCH_RAY_STATS"):
                 print(dataset.stats(), flush=True)
-        inference_seconds = time.time() - t0
+        head = ray.get(prepared)
+        return self._finish(sink, head["metadata"], plan, started, {
+            "listing_s": round(self.listing_seconds, 3), "text_head_s": round(head["seconds"] - t0, 3),
+            "inference_s": round(time.time() - t0, 3)})
 
-        return self._finish(sink, metadata, plan, started, {
-            "listing_s": round(self.listing_seconds, 3), "text_head_s": round(text_head_seconds, 3),
-            "inference_s": round(inference_seconds, 3)})
-
-    def _dataset(self, todo: pa.Table, plan: ComputePlan, prep: dict, embedding_dtype: str | None, counter):
+    def _dataset(self, todo: pa.Table, plan: ComputePlan, prepared, embedding_dtype: str | None, counter):
         import ray
         from clipbatch.decode import read_and_decode
 
         blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
         return (ray.data.from_arrow(blocks)
                 .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
-                             fn_kwargs={"preprocess_cfg_json": json.dumps(_json_safe(prep["preprocess_cfg"])),
+                             fn_kwargs={"preprocess_cfg_json": json.dumps(self.preprocess_cfg),
                                         "storage_options": self.spec.input.storage_options})
                 .map_batches(_CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors,
                                                                 max_size=plan.max_actors),
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
                              fn_constructor_kwargs={
-                                 "counter": counter,
+                                 "counter": counter, "prepared": prepared,
                                  "model_name": resolve_model_name(self.spec.model.name),
                                  "pretrained": self.spec.model.pretrained, "device": plan.device,
-                                 "precision": self.spec.model.precision, "text_head": prep["text_head"],
-                                 "classes": self.classes, "logit_scale": prep["logit_scale"],
-                                 "logit_bias": prep["logit_bias"], "top_k": self.spec.labels.top_k,
-                                 "embedding_dtype": embedding_dtype, "batch_size": plan.batch_size,
-                                 "torch_threads": plan.torch_threads}))
+                                 "precision": self.spec.model.precision, "classes": self.classes,
+                                 "top_k": self.spec.labels.top_k, "embedding_dtype": embedding_dtype,
+                                 "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
+                                 "expected_preprocess": self.preprocess_cfg}))
 
     def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
                 timings: dict) -> RunSummary:

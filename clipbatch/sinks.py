@@ -18,6 +18,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasink
 
 from clipbatch.config import SpecError
@@ -98,7 +99,8 @@ def write_part(out: OutputDir, table: pa.Table, name: str) -> str:
 class ParquetPartsDatasink(Datasink):
     """Writes output rows as part-*.parquet with the job's schema and metadata."""
 
-    def __init__(self, path: str, storage_options: dict, schema: pa.Schema, rows_per_part: int):
+    def __init__(self, path: str, storage_options: dict, schema, rows_per_part: int):
+        """schema: the output pa.Schema, or an ObjectRef to it (the text-head task makes it)."""
         self.path, self.storage_options, self.schema = path, storage_options, schema
         self.rows_per_part = rows_per_part
         self.written: list[dict[str, Any]] = []
@@ -111,7 +113,8 @@ class ParquetPartsDatasink(Datasink):
         tables = [b for b in blocks if b.num_rows]
         if not tables:
             return {"path": None, "rows": 0, "errors": 0}
-        table = pa.concat_tables(tables).cast(self.schema)
+        schema = self.schema if isinstance(self.schema, pa.Schema) else ray.get(self.schema)
+        table = pa.concat_tables(tables).cast(schema)
         name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
         target = write_part(OutputDir(self.path, self.storage_options), table, name)
         return {"path": target, "rows": table.num_rows,
