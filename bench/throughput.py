@@ -36,6 +36,9 @@ from corpus import make_corpus  # noqa: E402
 CLASSES = [f"class {i}" for i in range(100)]
 
 
+DEVICE = "cpu"  # --device cuda runs the loops' model on the GPU (fp16), as clipbatch does there
+
+
 def load(model: str, pretrained: str | None):
     import open_clip
     import torch
@@ -44,12 +47,17 @@ def load(model: str, pretrained: str | None):
 
     torch.manual_seed(0)
     model = resolve_model_name(model)
-    m, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained)
+    m, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=pretrained, device=DEVICE, precision="fp16" if DEVICE == "cuda" else "fp32")
     m.eval()
     tokenizer = open_clip.get_tokenizer(model)
     with torch.no_grad():
-        head = m.encode_text(tokenizer([f"a photo of a {c}." for c in CLASSES]), normalize=True)
+        head = m.encode_text(tokenizer([f"a photo of a {c}." for c in CLASSES]).to(DEVICE), normalize=True)
     return m, preprocess, head
+
+
+def _input(x):
+    return x.to(DEVICE, non_blocking=True).half() if DEVICE == "cuda" else x
 
 
 def per_image_loop(paths, model, pretrained) -> float:
@@ -61,7 +69,7 @@ def per_image_loop(paths, model, pretrained) -> float:
     started = time.time()
     with torch.no_grad():
         for path in paths:
-            x = preprocess(Image.open(path)).unsqueeze(0)
+            x = _input(preprocess(Image.open(path)).unsqueeze(0))
             emb = m.encode_image(x, normalize=True)
             (100.0 * emb @ head.T).softmax(-1)
     return len(paths) / (time.time() - started)
@@ -89,13 +97,14 @@ def dataloader_loop(paths, model, pretrained, out: Path, batch_size=32, workers=
     started = time.time()
     m, preprocess, head = load(model, pretrained)
     loader = torch.utils.data.DataLoader(_Images(paths, preprocess), batch_size=batch_size,
-                                         num_workers=workers, persistent_workers=False)
+                                         num_workers=workers, persistent_workers=False,
+                                         pin_memory=DEVICE == "cuda")
     embs, probs = [], []
     with torch.no_grad():
         for x in loader:
-            emb = m.encode_image(x, normalize=True)
-            embs.append(emb.half().numpy())
-            probs.append((m.logit_scale.exp() * emb @ head.T).softmax(-1).numpy())
+            emb = m.encode_image(_input(x), normalize=True)
+            embs.append(emb.half().cpu().numpy())
+            probs.append((m.logit_scale.exp() * emb @ head.T).float().softmax(-1).cpu().numpy())
     emb, prob = np.concatenate(embs), np.concatenate(probs)
     pq.write_table(pa.table({
         "id": [str(p) for p in paths],
@@ -111,12 +120,16 @@ def forward_ceiling(model, pretrained, batch_size=32, batches=8) -> float:
     m, preprocess, _ = load(model, pretrained)
     size = m.visual.image_size
     size = size if isinstance(size, int) else size[0]
-    x = torch.randn(batch_size, 3, size, size)
+    x = _input(torch.randn(batch_size, 3, size, size))
     with torch.no_grad():
         m.encode_image(x)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         started = time.time()
         for _ in range(batches):
             m.encode_image(x)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
     return batch_size * batches / (time.time() - started)
 
 
@@ -157,6 +170,42 @@ class RssSampler:
         self._thread.join()
 
 
+class GpuSampler:
+    """GPU utilization (%) from nvidia-smi every 200 ms, where there is one."""
+
+    def __init__(self):
+        import shutil
+
+        self.cmd = shutil.which("nvidia-smi")
+        self.samples: list[int] = []
+
+    def __enter__(self):
+        if self.cmd:
+            self.proc = subprocess.Popen([self.cmd, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "200"], stdout=subprocess.PIPE, text=True)
+            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append(int(line.strip()))
+
+    def __exit__(self, *exc):
+        if self.cmd:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        busy = [v for v in self.samples if v > 0]
+        return {"mean_util_pct": round(sum(self.samples) / len(self.samples), 1),
+                "mean_util_while_busy_pct": round(sum(busy) / len(busy), 1) if busy else 0.0,
+                "peak_util_pct": max(self.samples)}
+
+
 def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) -> dict:
     """(d) `clipbatch run` in a fresh process, default compute settings."""
     import yaml
@@ -171,7 +220,7 @@ def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) ->
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "clipbatch.cli", "run", str(job)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with RssSampler(proc.pid) as rss:
+    with RssSampler(proc.pid) as rss, GpuSampler() as gpu:
         log, _ = proc.communicate()
     seconds = time.time() - started
     if proc.returncode != 0:
@@ -179,7 +228,8 @@ def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) ->
     manifest = json.loads((out / "_manifest.json").read_text())
     return {"seconds": round(seconds, 2), "rows": manifest["counts"]["rows"],
             "img_per_s": manifest["counts"]["rows"] / seconds, "timings": manifest["timings"],
-            "driver_peak_rss_mb": round(rss.driver_peak / 2**20), "worker_peak_rss_mb": round(rss.worker_peak / 2**20)}
+            "driver_peak_rss_mb": round(rss.driver_peak / 2**20), "worker_peak_rss_mb": round(rss.worker_peak / 2**20),
+            "gpu": gpu.summary(), "device": manifest["device"], "batch_size": manifest["compute"]["batch_size"]}
 
 
 def compare(args, work: Path) -> dict:
@@ -190,16 +240,21 @@ def compare(args, work: Path) -> dict:
     record["d_clipbatch"] = d
     print(f"(d) clipbatch run          {d['img_per_s']:7.2f} img/s  ({d['seconds']} s, driver peak "
           f"{d['driver_peak_rss_mb']} MB, largest worker {d['worker_peak_rss_mb']} MB)", flush=True)
-    record["c_forward"] = forward_ceiling(args.model, args.pretrained)
+    batch = 32 if DEVICE == "cpu" else 256
+    record["c_forward"] = forward_ceiling(args.model, args.pretrained, batch_size=batch,
+                                          batches=8 if DEVICE == "cpu" else 40)
     print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s", flush=True)
-    record["b_dataloader"] = dataloader_loop(paths, args.model, args.pretrained, work / "loop.parquet")
+    record["b_dataloader"] = dataloader_loop(paths, args.model, args.pretrained, work / "loop.parquet",
+                                             batch_size=batch, workers=min(16, os.cpu_count() or 2))
     print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s", flush=True)
-    a_paths = paths[: max(32, len(paths) // 4)]
-    record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
-    print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)", flush=True)
     rate = d["img_per_s"]
-    record["ratios"] = {"d/a": rate / record["a_per_image"], "d/b": rate / record["b_dataloader"],
-                        "d/c": rate / record["c_forward"]}
+    record["ratios"] = {"d/b": rate / record["b_dataloader"], "d/c": rate / record["c_forward"]}
+    if not args.skip_a:
+        a_paths = paths[: max(32, len(paths) // 4)]
+        record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
+        print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)",
+              flush=True)
+        record["ratios"]["d/a"] = rate / record["a_per_image"]
     print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
     return record
 
@@ -251,9 +306,14 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a few images and a tiny model: checks the harness runs")
     p.add_argument("--scaling", action="store_true")
     p.add_argument("--listing", type=int, default=0, metavar="N")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where loops (a)-(c) run their model; clipbatch (d) picks its device itself")
+    p.add_argument("--skip-a", action="store_true", help="skip the per-image loop (slow for big models)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
     work = args.workdir or Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:

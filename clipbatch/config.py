@@ -50,6 +50,7 @@ class InputSpec(_Strict):
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     image_column: str = "image"
     id_column: str | None = None
+    jpeg_draft: bool = False
     storage_options: StorageOptions = Field(default_factory=dict)
 
     @field_validator("path")

@@ -72,17 +72,28 @@ def _geometric_transform(preprocess_cfg_json: str):
     return _open_clip_geometry(PreprocessCfg(**cfg)), (int(height), int(width))
 
 
-def decode_image(data: bytes, preprocess_cfg_json: str) -> tuple[np.ndarray, int, int]:
-    """One encoded image -> (pixels HxWx3 uint8, original width, original height)."""
-    geometry, _ = _geometric_transform(preprocess_cfg_json)
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False) -> tuple[np.ndarray, int, int]:
+    """One encoded image -> (pixels HxWx3 uint8, original width, original height).
+
+    jpeg_draft lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the model's input
+    size): several times faster on large JPEGs, slightly different pixels from open_clip's.
+    """
+    geometry, (out_h, out_w) = _geometric_transform(preprocess_cfg_json)
     if not data:
         raise ValueError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if img.getexif().get(0x0112) in _SWAPS_AXES:
+                width, height = height, width
+            if jpeg_draft and img.format == "JPEG":
+                img.draft("RGB", (max(out_h, out_w), max(out_h, out_w)))
             img.load()
             img = ImageOps.exif_transpose(img)
-    width, height = img.size
     pixels = np.asarray(geometry(img), dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"unexpected decoded shape {pixels.shape}")
@@ -106,7 +117,7 @@ def _fetch_all(sources: list[str], storage_options: dict) -> list:
 
 
 def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
-                    storage_options: dict) -> dict[str, np.ndarray]:
+                    storage_options: dict, jpeg_draft: bool = False) -> dict[str, np.ndarray]:
     """Ray Data batch {id, source} -> {id, source, width, height, pixels, error}."""
     sources = [str(s) for s in batch["source"]]
     _, (height_px, width_px) = _geometric_transform(preprocess_cfg_json)
@@ -119,7 +130,7 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
         try:
             if isinstance(data, BaseException):
                 raise data
-            pixels[i], widths[i], heights[i] = decode_image(data, preprocess_cfg_json)
+            pixels[i], widths[i], heights[i] = decode_image(data, preprocess_cfg_json, jpeg_draft)
         except Exception as exc:  # any failure of one image becomes that image's error
             errors[i] = _describe(exc)
     return {"id": batch["id"], "source": batch["source"], "width": widths, "height": heights,

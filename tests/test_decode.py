@@ -42,3 +42,45 @@ def test_other_modes_use_open_clip_transform(tmp_path, resize_mode, size):
     expected = (pre(Image.open(path)) * 0.5 + 0.5).mul(255).round().byte().permute(1, 2, 0).numpy()
     assert pixels.shape == expected.shape
     assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_exif_rotation_applied_and_size_reported(tmp_path):
+    img = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))  # 200 wide, 100 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = encode(img, "JPEG", exif=exif, quality=95)
+    pixels, width, height = decode_image(data, cfg_json(size=64))
+    assert (width, height) == (100, 200)
+    # After rotation the gradient runs top to bottom, so columns are constant and rows vary.
+    assert np.abs(np.diff(pixels[:, :, 0].astype(int), axis=1)).mean() < 0.5
+    assert np.abs(np.diff(pixels[:, :, 0].astype(int), axis=0)).mean() > 1
+
+
+def test_jpeg_draft_is_close_and_keeps_original_size(tmp_path):
+    path = mixed_images(tmp_path, n=5)[4]  # 640x480 JPEG
+    full, w1, h1 = decode_image(path.read_bytes(), cfg_json(size=224))
+    draft, w2, h2 = decode_image(path.read_bytes(), cfg_json(size=224), jpeg_draft=True)
+    assert (w1, h1) == (w2, h2) == (640, 480)
+    assert full.shape == draft.shape
+    assert np.abs(full.astype(int) - draft.astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize("kind", ["16-bit PNG", "palette with transparency", "animated GIF", "animated WebP",
+                                  "LA", "1-bit"])
+def test_unusual_modes_decode_to_rgb(kind):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    if kind == "16-bit PNG":
+        data = encode(Image.fromarray((np.arange(2400).reshape(40, 60) * 20).astype(np.uint16)), "PNG")
+    elif kind == "palette with transparency":
+        pal = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        data = encode(pal, "PNG", transparency=0)
+    elif kind.startswith("animated"):
+        frames = [base, base.rotate(90), base.rotate(180)]
+        fmt = "GIF" if "GIF" in kind else "WEBP"
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100)
+    elif kind == "LA":
+        data = encode(base.convert("LA"), "PNG")
+    else:
+        data = encode(base.convert("1"), "PNG")
+    pixels, width, height = decode_image(data, cfg_json(size=32))
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and (width, height) == (60, 40)
