@@ -206,7 +206,7 @@ class GpuSampler:
                 "peak_util_pct": max(self.samples)}
 
 
-def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) -> dict:
+def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None, overrides=()) -> dict:
     """(d) `clipbatch run` in a fresh process, default compute settings."""
     import yaml
 
@@ -218,7 +218,8 @@ def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) ->
     job.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_ADDRESS": "", **(extra_env or {})}
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "clipbatch.cli", "run", str(job)], env=env,
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "-m", "clipbatch.cli", "run", str(job), *sets], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with RssSampler(proc.pid) as rss, GpuSampler() as gpu:
         log, _ = proc.communicate()
@@ -232,30 +233,42 @@ def clipbatch_run(images: Path, model, pretrained, out: Path, extra_env=None) ->
             "gpu": gpu.summary(), "device": manifest["device"], "batch_size": manifest["compute"]["batch_size"]}
 
 
+def _corpus(folder: Path, n: int, size) -> list[Path]:
+    """The corpus, made once per workdir (image i never changes, so a rerun can reuse it)."""
+    existing = sorted(folder.rglob("*.jpg")) if folder.exists() else []
+    return existing[:n] if len(existing) >= n else make_corpus(folder, n, [tuple(size)])
+
+
 def compare(args, work: Path) -> dict:
-    paths = make_corpus(work / "images", args.n, [tuple(args.size)])
-    print(f"corpus: {len(paths)} JPEGs {args.size[0]}x{args.size[1]} in {work / 'images'}", flush=True)
-    record = {"n": len(paths), "model": args.model, "size": args.size}
-    d = clipbatch_run(work / "images", args.model, args.pretrained, work / "out")
-    record["d_clipbatch"] = d
-    print(f"(d) clipbatch run          {d['img_per_s']:7.2f} img/s  ({d['seconds']} s, driver peak "
-          f"{d['driver_peak_rss_mb']} MB, largest worker {d['worker_peak_rss_mb']} MB)", flush=True)
+    paths = _corpus(work / f"images-{args.n}-{args.size[0]}x{args.size[1]}", args.n, args.size)
+    print(f"corpus: {len(paths)} JPEGs {args.size[0]}x{args.size[1]}", flush=True)
+    record = {"n": len(paths), "model": args.model, "size": args.size, "device": DEVICE, "ratios": {}}
     batch = 32 if DEVICE == "cpu" else 256
-    record["c_forward"] = forward_ceiling(args.model, args.pretrained, batch_size=batch,
-                                          batches=8 if DEVICE == "cpu" else 40)
-    print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s", flush=True)
-    record["b_dataloader"] = dataloader_loop(paths, args.model, args.pretrained, work / "loop.parquet",
-                                             batch_size=batch, workers=min(16, os.cpu_count() or 2))
-    print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s", flush=True)
-    rate = d["img_per_s"]
-    record["ratios"] = {"d/b": rate / record["b_dataloader"], "d/c": rate / record["c_forward"]}
-    if not args.skip_a:
+    if "d" in args.modes:
+        d = clipbatch_run(paths[0].parent.parent, args.model, args.pretrained, work / "out", overrides=args.set)
+        record["d_clipbatch"] = d
+        print(f"(d) clipbatch run          {d['img_per_s']:7.2f} img/s  ({d['seconds']} s, {d['device']}, batch "
+              f"{d['batch_size']}, driver peak {d['driver_peak_rss_mb']} MB, largest worker "
+              f"{d['worker_peak_rss_mb']} MB, GPU {d['gpu']}, timings {d['timings']})", flush=True)
+    if "c" in args.modes:
+        record["c_forward"] = forward_ceiling(args.model, args.pretrained, batch_size=batch,
+                                              batches=8 if DEVICE == "cpu" else 40)
+        print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s (batch {batch})", flush=True)
+    if "b" in args.modes:
+        record["b_dataloader"] = dataloader_loop(paths, args.model, args.pretrained, work / "loop.parquet",
+                                                 batch_size=batch, workers=min(16, os.cpu_count() or 2))
+        print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s", flush=True)
+    if "a" in args.modes:
         a_paths = paths[: max(32, len(paths) // 4)]
         record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
         print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)",
               flush=True)
-        record["ratios"]["d/a"] = rate / record["a_per_image"]
-    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
+    if "d_clipbatch" in record:
+        rate = record["d_clipbatch"]["img_per_s"]
+        for key, name in (("a_per_image", "d/a"), ("b_dataloader", "d/b"), ("c_forward", "d/c")):
+            if key in record:
+                record["ratios"][name] = rate / record[key]
+        print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
     return record
 
 
@@ -263,8 +276,8 @@ def scaling(args, work: Path) -> dict:
     record = {}
     for factor in (1, 10):
         folder = work / f"images-{factor}x"
-        make_corpus(folder, args.n * factor, [tuple(args.size)])
-        r = clipbatch_run(folder, args.model, args.pretrained, work / f"out-{factor}x")
+        _corpus(folder, args.n * factor, args.size)
+        r = clipbatch_run(folder, args.model, args.pretrained, work / f"out-{factor}x", overrides=args.set)
         record[f"{factor}x"] = r
         print(f"{factor:>2}x: {r['rows']} images in {r['seconds']} s ({r['img_per_s']:.2f} img/s), driver peak "
               f"{r['driver_peak_rss_mb']} MB, largest worker {r['worker_peak_rss_mb']} MB", flush=True)
@@ -308,7 +321,9 @@ def main() -> None:
     p.add_argument("--listing", type=int, default=0, metavar="N")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where loops (a)-(c) run their model; clipbatch (d) picks its device itself")
-    p.add_argument("--skip-a", action="store_true", help="skip the per-image loop (slow for big models)")
+    p.add_argument("--modes", default="abcd", help="which of a b c d to run (default all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="spec override for the clipbatch run, e.g. input.jpeg_draft=true")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
