@@ -36,11 +36,9 @@ class ClipEncoder:
                                f"{actual}; please report this with the model name")
         self.device = self.loaded.device
         self.classes = np.asarray(classes, dtype=object)
-        self.text_head = torch.from_numpy(np.array(text_head, dtype=np.float32)).to(self.device)
-        self.logit_scale, self.logit_bias = logit_scale, logit_bias
         self.top_k = top_k
         self.embedding_dtype = embedding_dtype
-        self.schema = output_schema(len(classes), self.text_head.shape[1], embedding_dtype)
+        self.use_text_head(text_head, logit_scale, logit_bias)
         cfg = self.loaded.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
@@ -50,6 +48,12 @@ class ClipEncoder:
         print(f"clipbatch encoder on {platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
               f"precision {self.loaded.precision}, batch size {batch_size}, torch threads "
               f"{torch.get_num_threads()}", flush=True)
+
+    def use_text_head(self, text_head: np.ndarray, logit_scale: float, logit_bias: float | None) -> None:
+        """Called once the model is loaded (a subclass may wait here for a head computed elsewhere)."""
+        self.text_head = torch.from_numpy(np.array(text_head, dtype=np.float32)).to(self.device)
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias
+        self.schema = output_schema(len(self.classes), self.text_head.shape[1], self.embedding_dtype)
 
     def embed(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D] on the device."""

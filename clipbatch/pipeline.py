@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -114,12 +115,15 @@ class _CountingEncoder(ClipEncoder):
     counter (this wrapper keeps encoder.py free of Ray)."""
 
     def __init__(self, counter, prepared, **kwargs):
+        self.counter = counter
+        super().__init__(text_head=prepared, logit_scale=None, logit_bias=None, **kwargs)
+
+    def use_text_head(self, prepared, logit_scale, logit_bias) -> None:
         import ray
 
+        # Reached after this actor has loaded its model: the two loads run side by side.
         prepared = ray.get(prepared)
-        super().__init__(text_head=prepared["text_head"], logit_scale=prepared["logit_scale"],
-                         logit_bias=prepared["logit_bias"], **kwargs)
-        self.counter = counter
+        super().use_text_head(prepared["text_head"], prepared["logit_scale"], prepared["logit_bias"])
 
     def __call__(self, batch):
         table = super().__call__(batch)
@@ -206,24 +210,33 @@ class Job:
             return RunSummary(self.out.url, rows, manifest.get("counts", {}).get("errors", 0), 0,
                               time.time() - started, 0.0, manifest.get("device", "?"), True, skipped=True)
 
-        init_ray()
-        cluster = ray_cluster_info()
-        plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]))
-        print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
-              f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
-              f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
-              f"batch {plan.batch_size}", flush=True)
-
         t0 = time.time()
         embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None
         metadata = {"clipbatch_version": __version__, "model": self.spec.model.name,
                     "pretrained": self.spec.model.pretrained, "classes": self.classes,
                     "templates": self.templates, "preprocess_cfg": self.preprocess_cfg,
                     "fingerprint": self.fingerprint}
-        prepared, schema = ray.remote(_prepare_text_head).options(
-            num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(
-            resolve_model_name(self.spec.model.name), self.spec.model.pretrained, plan.device,
-            self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype)
+        head_args = (resolve_model_name(self.spec.model.name), self.spec.model.pretrained, "cpu",
+                     self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype)
+        # A local run without GPUs builds the text head right here while Ray starts, instead of in
+        # one more worker process competing for the same few cores with the encoder's start-up.
+        in_driver = self._local_cpu_only()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            head_here = pool.submit(_prepare_text_head, *head_args) if in_driver else None
+            init_ray()
+            cluster = ray_cluster_info()
+            plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]))
+            print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
+                  f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
+                  f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
+                  f"batch {plan.batch_size}", flush=True)
+            if head_here is not None:
+                prepared, schema = (ray.put(part) for part in head_here.result())
+            else:
+                prepared, schema = ray.remote(_prepare_text_head).options(
+                    num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(
+                    *head_args[:2], plan.device, *head_args[3:])
+        ray_ready = time.time()
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema, ROWS_PER_PART)
         if todo.num_rows:
             counter = ProgressCounter.remote()
@@ -234,8 +247,16 @@ class Job:
                 print(dataset.stats(), flush=True)
         head = ray.get(prepared)
         return self._finish(sink, head["metadata"], plan, started, {
-            "listing_s": round(self.listing_seconds, 3), "text_head_s": round(head["seconds"] - t0, 3),
-            "inference_s": round(time.time() - t0, 3)})
+            "listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
+            "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)})
+
+    def _local_cpu_only(self) -> bool:
+        """True when this run will start its own Ray on a machine without CUDA (a laptop, CI)."""
+        import ray
+        import torch
+
+        return (not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+                and self.spec.compute.device != "cuda" and not torch.cuda.is_available())
 
     def _dataset(self, todo: pa.Table, plan: ComputePlan, prepared, embedding_dtype: str | None, counter):
         import ray

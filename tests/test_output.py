@@ -50,7 +50,7 @@ def test_summary_and_files(finished):
     assert manifest["counts"] == {"inputs": 29, "rows": 29, "errors": 4, "new_rows": 29}
     assert manifest["classes"] == CLASSES and manifest["model"].startswith("local-dir:")
     assert manifest["logit_scale"] == pytest.approx(30.0, rel=1e-4) and manifest["clipbatch_version"]
-    assert {"listing_s", "text_head_s", "inference_s", "total_s"} <= set(manifest["timings"])
+    assert {"listing_s", "ray_start_s", "text_head_s", "inference_s", "total_s"} <= set(manifest["timings"])
 
 
 def test_duckdb_reads_output(finished):

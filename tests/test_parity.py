@@ -90,3 +90,29 @@ def test_builtin_name_with_checkpoint_file(tmp_path, images, ray_local):
             ref = ref_model.encode_image(preprocess(Image.open(path)).unsqueeze(0), normalize=True)[0].numpy()
             got = np.asarray(rows[str(path)]["embedding"], dtype=np.float32)
             assert float(got @ ref) >= 0.999
+
+
+@pytest.mark.slow
+def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, ray_local):
+    """`clipbatch run` on a CPU machine with no Ray running builds the text head in the driver while Ray
+    starts; its results equal those of a run whose text head came from a Ray task."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = spec_dict(images, tiny_model, tmp_path / "cli", model={"precision": "fp32"},
+                     output={"embedding_dtype": "float32"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec["output"]["path"] = str(tmp_path / "lib")
+    assert clipbatch.run(spec).complete  # Ray is already running here: the text head comes from a task
+    cli = pq.read_table(tmp_path / "cli").sort_by("id")
+    lib = pq.read_table(tmp_path / "lib").sort_by("id")
+    assert cli["id"].to_pylist() == lib["id"].to_pylist()
+    np.testing.assert_allclose(np.stack(cli["scores"].to_numpy(zero_copy_only=False)),
+                               np.stack(lib["scores"].to_numpy(zero_copy_only=False)), atol=1e-6)
