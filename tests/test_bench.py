@@ -1,0 +1,36 @@
+"""The benchmark harness runs (smoke mode: a few small images and the bundled demo model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench" / "throughput.py"
+
+
+def run_bench(tmp_path, *args) -> dict:
+    out = tmp_path / "record.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(BENCH), "--workdir", str(tmp_path), "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_smoke_compare(tmp_path):
+    record = run_bench(tmp_path, "--smoke")["compare"]
+    assert record["d_clipbatch"]["rows"] == record["n"] == 48
+    assert set(record["ratios"]) == {"d/a", "d/b", "d/c"}
+    assert all(v > 0 for v in record["ratios"].values())
+    assert record["d_clipbatch"]["driver_peak_rss_mb"] > 0 and record["d_clipbatch"]["worker_peak_rss_mb"] > 0
+
+
+def test_listing_plans_without_reading(tmp_path):
+    record = run_bench(tmp_path, "--listing", "20000")["listing"]
+    assert record["uris"] == 20000 and record["plan_s"] < 60
