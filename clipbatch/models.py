@@ -9,6 +9,7 @@ so the same code serves the actors, the text head and the tests.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,13 @@ def preprocess_config(name: str, pretrained: str | None) -> dict:
 
         config = hf_hub_download(resolved.removeprefix("hf-hub:"), "open_clip_config.json")
         resolved = f"local-dir:{Path(config).parent}"
-    with torch.device("meta"):
-        model = open_clip.create_model(resolved, pretrained=None, load_weights=False, device="meta",
-                                       pretrained_text=False)
+    logging.disable(logging.WARNING)  # open_clip warns that this weightless model is "initialized randomly"
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(resolved, pretrained=None, load_weights=False, device="meta",
+                                           pretrained_text=False)
+    finally:
+        logging.disable(logging.NOTSET)
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
     if pretrained and not resolved.startswith(("local-dir:", "hf-hub:")):
         tag_cfg = open_clip.get_pretrained_cfg(resolved.replace("/", "-"), pretrained)
