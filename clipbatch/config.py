@@ -121,6 +121,7 @@ class OutputSpec(_Strict):
     embeddings: bool = True
     embedding_dtype: Literal["float16", "float32"] = "float16"
     mode: Literal["resume", "overwrite", "error"] = "resume"
+    rows_per_part: int = Field(4096, ge=1)
 
 
 class ComputeSpec(_Strict):

@@ -30,7 +30,6 @@ from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
 from clipbatch.sources import list_images
 
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
-ROWS_PER_PART = 4096  # output rows per Parquet part (about 5 MB with float16 embeddings)
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5
 
@@ -191,6 +190,8 @@ class Job:
                 changed = sorted(k for k in self.fingerprint if (earlier or {}).get(k) != self.fingerprint[k])
                 raise SpecError(f"output.path {self.out.url} holds results made with a different "
                                 f"{', '.join(changed)}; use another output.path or output.mode: overwrite")
+        for leftover in self.out.leftovers():  # half-written files of a killed run: never parts
+            self.out.fs.rm_file(leftover)
         done = self.out.written_rows()["id"].combine_chunks()
         todo = self.listing.filter(pc.invert(pc.is_in(self.listing["id"], value_set=done)))
         if todo.num_rows == 0 and self.out.exists(SUCCESS):
@@ -237,7 +238,8 @@ class Job:
                     num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(
                     *head_args[:2], plan.device, *head_args[3:])
         ray_ready = time.time()
-        sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema, ROWS_PER_PART)
+        sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
+                                    self.spec.output.rows_per_part)
         if todo.num_rows:
             counter = ProgressCounter.remote()
             with ProgressReporter(counter, todo.num_rows):

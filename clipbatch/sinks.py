@@ -9,6 +9,7 @@ write has finished, so _SUCCESS always means "complete".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
@@ -74,9 +75,13 @@ class OutputDir:
                             f"{redact(f'{type(exc).__name__}: {exc}')}") from None
 
     def clear(self) -> None:
-        for path in self.parts() + [self.join(n) for n in (MANIFEST, SUCCESS)]:
+        for path in self.parts() + self.leftovers() + [self.join(n) for n in (MANIFEST, SUCCESS)]:
             if self.fs.exists(path):
                 self.fs.rm_file(path)
+
+    def leftovers(self) -> list[str]:
+        """Temporary files of a run that was killed while writing (never visible as parts)."""
+        return self.fs.glob(self.join(".part-*.tmp")) + self.fs.glob(self.join("._*.tmp"))
 
     def written_rows(self) -> pa.Table:
         """(id, error) of every row written so far (parts are atomic, so every part is whole)."""
@@ -88,12 +93,19 @@ class OutputDir:
 def write_part(out: OutputDir, table: pa.Table, name: str) -> str:
     """One Parquet part, atomically, without dictionary encoding (5x faster float16 reads)."""
     target = out.join(name)
-    staging = out.join(f".{name}.tmp") if out.is_local else target
+    staging = out.join(f".{name}.{uuid.uuid4().hex[:8]}.tmp") if out.is_local else target
     with out.fs.open(staging, "wb") as f:
         pq.write_table(table, f, use_dictionary=["source", "label", "error"], compression="snappy")
     if staging != target:
         out.fs.mv(staging, target)
     return target
+
+
+def part_name(ids) -> str:
+    """A part is named after the ids it holds: a retried write task rewrites the same file
+    instead of adding a second copy of its rows, and the same rows always get the same name."""
+    digest = hashlib.sha256("\n".join(ids.to_pylist()).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
 
 
 class ParquetPartsDatasink(Datasink):
@@ -115,7 +127,7 @@ class ParquetPartsDatasink(Datasink):
             return {"path": None, "rows": 0, "errors": 0}
         schema = self.schema if isinstance(self.schema, pa.Schema) else ray.get(self.schema)
         table = pa.concat_tables(tables).cast(schema)
-        name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
+        name = part_name(table["id"])
         target = write_part(OutputDir(self.path, self.storage_options), table, name)
         return {"path": target, "rows": table.num_rows,
                 "errors": table.num_rows - pc.sum(pc.is_null(table["error"])).as_py()}
