@@ -51,6 +51,7 @@ class InputSpec(_Strict):
     image_column: str = "image"
     id_column: str | None = None
     jpeg_draft: bool = False
+    max_pixels: int = Field(100_000_000, ge=1)
     storage_options: StorageOptions = Field(default_factory=dict)
 
     @field_validator("path")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import warnings
 
 import fsspec
 import numpy as np
@@ -75,8 +74,16 @@ def _geometric_transform(preprocess_cfg_json: str):
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 
 
-def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False) -> tuple[np.ndarray, int, int]:
+# clipbatch checks input.max_pixels itself, from the header, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False,
+                 max_pixels: int | None = None) -> tuple[np.ndarray, int, int]:
     """One encoded image -> (pixels HxWx3 uint8, original width, original height).
+
+    An image whose header announces more than max_pixels is refused before it is decoded
+    (a decompression bomb would otherwise take the worker's memory).
 
     jpeg_draft lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the model's input
     size): several times faster on large JPEGs, slightly different pixels from open_clip's.
@@ -84,16 +91,17 @@ def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False
     geometry, (out_h, out_w) = _geometric_transform(preprocess_cfg_json)
     if not data:
         raise ValueError("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if img.getexif().get(0x0112) in _SWAPS_AXES:
-                width, height = height, width
-            if jpeg_draft and img.format == "JPEG":
-                img.draft("RGB", (max(out_h, out_w), max(out_h, out_w)))
-            img.load()
-            img = ImageOps.exif_transpose(img)
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if max_pixels and width * height > max_pixels:
+            raise ValueError(f"{width}x{height} = {width * height:,} pixels is over input.max_pixels "
+                             f"({max_pixels:,})")
+        if img.getexif().get(0x0112) in _SWAPS_AXES:
+            width, height = height, width
+        if jpeg_draft and img.format == "JPEG":
+            img.draft("RGB", (max(out_h, out_w), max(out_h, out_w)))
+        img.load()
+        img = ImageOps.exif_transpose(img)
     pixels = np.asarray(geometry(img), dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"unexpected decoded shape {pixels.shape}")
@@ -117,7 +125,8 @@ def _fetch_all(sources: list[str], storage_options: dict) -> list:
 
 
 def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
-                    storage_options: dict, jpeg_draft: bool = False) -> dict[str, np.ndarray]:
+                    storage_options: dict, jpeg_draft: bool = False,
+                    max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Ray Data batch {id, source} -> {id, source, width, height, pixels, error}."""
     sources = [str(s) for s in batch["source"]]
     _, (height_px, width_px) = _geometric_transform(preprocess_cfg_json)
@@ -130,7 +139,7 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
         try:
             if isinstance(data, BaseException):
                 raise data
-            pixels[i], widths[i], heights[i] = decode_image(data, preprocess_cfg_json, jpeg_draft)
+            pixels[i], widths[i], heights[i] = decode_image(data, preprocess_cfg_json, jpeg_draft, max_pixels)
         except Exception as exc:  # any failure of one image becomes that image's error
             errors[i] = _describe(exc)
     return {"id": batch["id"], "source": batch["source"], "width": widths, "height": heights,

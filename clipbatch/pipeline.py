@@ -269,7 +269,8 @@ class Job:
                 .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
                              fn_kwargs={"preprocess_cfg_json": json.dumps(self.preprocess_cfg),
                                         "storage_options": self.spec.input.storage_options,
-                                        "jpeg_draft": self.spec.input.jpeg_draft})
+                                        "jpeg_draft": self.spec.input.jpeg_draft,
+                                        "max_pixels": self.spec.input.max_pixels})
                 .map_batches(_CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors,
                                                                 max_size=plan.max_actors),

@@ -19,7 +19,8 @@ from braceexpand import braceexpand
 from clipbatch.config import InputSpec, SpecError
 from clipbatch.secrets import redact
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".heic",
+                    ".heif", ".jxl", ".ico", ".ppm", ".pgm")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,26 @@ from clipbatch.schema import read_metadata
 from conftest import spec_dict
 
 CLASSES = ["cat", "dog", "car", "tree", "house"]
+
+
+def broken_files(good_jpeg: bytes) -> dict[str, bytes]:
+    """More files that must each become one error row: a PDF named .webp, a PNG cut short, random
+    bytes, a format Pillow cannot read, and a decompression bomb (over the tests' max_pixels)."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(png, format="PNG")
+    bomb = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(bomb, format="PNG")  # 16M pixels, a few KB of PNG
+    rng = np.random.default_rng(7)
+    return {"document.webp": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF\n",
+            "cut.png": png.getvalue()[: len(png.getvalue()) // 2],
+            "random.jpg": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+            "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + zlib.compress(b"x" * 100),
+            "bomb.png": bomb.getvalue()}
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +51,30 @@ def broken_images(images, tmp_path_factory):
     (folder / "bad" / "text.jpg").write_bytes(b"this is not an image at all")
     (folder / "bad" / "noise.webp").write_bytes(bytes(range(256)) * 8)
     (folder / "bad" / "name with [brackets] & spaces.jpg").write_bytes(good)
+    for name, data in broken_files(good).items():
+        (folder / "bad" / name).write_bytes(data)
     return folder
+
+
+def broken_spec(images, model, out, **sections):
+    return spec_dict(images, model, out, input={"max_pixels": 10_000_000}, **sections)
 
 
 @pytest.fixture(scope="module")
 def finished(broken_images, tiny_model, tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = clipbatch.run(spec_dict(broken_images, tiny_model, out, labels={"top_k": 3}))
+    summary = clipbatch.run(broken_spec(broken_images, tiny_model, out, labels={"top_k": 3}))
     return out, summary
 
 
 def test_summary_and_files(finished):
     out, summary = finished
-    assert summary.complete and summary.rows == 29 and summary.errors == 4 and summary.device == "cpu"
+    assert summary.complete and summary.rows == 34 and summary.errors == 9 and summary.device == "cpu"
     names = sorted(p.name for p in out.iterdir())
     assert names[-2:] == ["_SUCCESS", "_manifest.json"] or set(names) >= {"_SUCCESS", "_manifest.json"}
     assert not [n for n in names if n.endswith(".tmp")]
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["counts"] == {"inputs": 29, "rows": 29, "errors": 4, "new_rows": 29}
+    assert manifest["counts"] == {"inputs": 34, "rows": 34, "errors": 9, "new_rows": 34}
     assert manifest["classes"] == CLASSES and manifest["model"].startswith("local-dir:")
     assert manifest["logit_scale"] == pytest.approx(30.0, rel=1e-4) and manifest["clipbatch_version"]
     assert {"listing_s", "ray_start_s", "text_head_s", "inference_s", "total_s"} <= set(manifest["timings"])
@@ -90,11 +117,16 @@ def test_rows_ids_and_errors(finished, broken_images):
     rows = {r["id"]: r for r in table.to_pylist()}
     on_disk = {str(p.relative_to(broken_images)) for p in broken_images.rglob("*") if p.is_file()}
     assert set(rows) == on_disk
-    for name in ("bad/truncated.jpg", "bad/empty.png", "bad/text.jpg", "bad/noise.webp"):
+    for name in ("bad/truncated.jpg", "bad/empty.png", "bad/text.jpg", "bad/noise.webp", "bad/bomb.png"):
         row = rows[name]
         assert row["error"] and row["label"] is None and row["scores"] is None and row["width"] is None
         assert row["source"] == str(broken_images / name)
     assert "empty file" in rows["bad/empty.png"]["error"]
+    for name in ("document.webp", "cut.png", "random.jpg", "photo.heic", "bomb.png"):
+        row = rows[f"bad/{name}"]
+        assert row["error"] and len(row["error"]) < 300 and row["label"] is None, (name, row["error"])
+    assert "over input.max_pixels" in rows["bad/bomb.png"]["error"]
+    assert "cannot identify image file" in rows["bad/document.webp"]["error"]
     good = rows["bad/name with [brackets] & spaces.jpg"]
     assert good["error"] is None and good["label"] in CLASSES
     ok = rows["group0/img000.jpg"]
@@ -108,8 +140,8 @@ def test_rows_ids_and_errors(finished, broken_images):
 def test_rerun_of_finished_job_does_nothing(finished, broken_images, tiny_model):
     out, _ = finished
     before = sorted(p.name for p in out.glob("part-*"))
-    summary = clipbatch.run(spec_dict(broken_images, tiny_model, out, labels={"top_k": 3}))
-    assert summary.skipped and summary.new_rows == 0 and summary.rows == 29
+    summary = clipbatch.run(broken_spec(broken_images, tiny_model, out, labels={"top_k": 3}))
+    assert summary.skipped and summary.new_rows == 0 and summary.rows == 34
     assert sorted(p.name for p in out.glob("part-*")) == before
 
 
@@ -119,10 +151,10 @@ def test_resume_finishes_only_missing_rows(finished, broken_images, tiny_model, 
     partial.mkdir()
     full = pq.read_table(sorted(out.glob("part-*.parquet"))[0])
     pq.write_table(full.slice(0, 10), partial / "part-00000-crashed.parquet")  # as if killed after one part
-    summary = clipbatch.run(spec_dict(broken_images, tiny_model, partial, labels={"top_k": 3}))
-    assert summary.complete and summary.new_rows == 19 and summary.rows == 29
+    summary = clipbatch.run(broken_spec(broken_images, tiny_model, partial, labels={"top_k": 3}))
+    assert summary.complete and summary.new_rows == 24 and summary.rows == 34
     ids = pq.read_table(partial, columns=["id"])["id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 29 and (partial / "_SUCCESS").exists()
+    assert len(ids) == len(set(ids)) == 34 and (partial / "_SUCCESS").exists()
 
 
 def test_resume_refuses_different_classes(finished, broken_images, tiny_model, tmp_path):
@@ -131,7 +163,7 @@ def test_resume_refuses_different_classes(finished, broken_images, tiny_model, t
     shutil.copytree(out, mixed)
     (mixed / "_SUCCESS").unlink()
     with pytest.raises(SpecError, match="different classes"):
-        clipbatch.run(spec_dict(broken_images, tiny_model, mixed, labels={"classes": ["x", "y"], "top_k": 3}))
+        clipbatch.run(broken_spec(broken_images, tiny_model, mixed, labels={"classes": ["x", "y"], "top_k": 3}))
 
 
 def test_mode_error_and_overwrite(finished, broken_images, tiny_model, tmp_path):
@@ -139,8 +171,8 @@ def test_mode_error_and_overwrite(finished, broken_images, tiny_model, tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     with pytest.raises(SpecError, match="already holds output"):
-        clipbatch.run(spec_dict(broken_images, tiny_model, copy, output={"mode": "error"}))
-    summary = clipbatch.run(spec_dict(broken_images, tiny_model, copy, output={"mode": "overwrite"},
+        clipbatch.run(broken_spec(broken_images, tiny_model, copy, output={"mode": "error"}))
+    summary = clipbatch.run(broken_spec(broken_images, tiny_model, copy, output={"mode": "overwrite"},
                                       labels={"classes": ["x", "y"]}))
-    assert summary.complete and summary.new_rows == 29
+    assert summary.complete and summary.new_rows == 34
     assert pq.read_table(copy)["label"].drop_null().unique().to_pylist() != []

@@ -94,3 +94,19 @@ def test_missing_bucket_fails_fast(s3, tiny_model, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     proc, _ = _cli(["validate", str(path)], {}, tmp_path)
     assert proc.returncode == 2 and "input.path" in proc.stderr and "no-such-bucket" in proc.stderr
+
+
+def test_broken_files_on_s3_are_error_rows(s3, bucket, images, tiny_model, ray_local):
+    from test_output import broken_files
+
+    good = next(images.rglob("*.jpg")).read_bytes()
+    for name, data in {**broken_files(good), "empty.png": b"", "ok.jpg": good}.items():
+        bucket.pipe_file(f"pets/broken/{name}", data)
+    opts = {"endpoint_url": s3.endpoint}
+    spec = spec_dict("s3://pets/broken", tiny_model, "s3://pets/broken-out",
+                     input={"storage_options": opts, "max_pixels": 10_000_000}, output={"storage_options": opts})
+    summary = clipbatch.run(spec)
+    assert summary.complete and summary.rows == 7 and summary.errors == 6
+    rows = {r["id"]: r for r in pq.read_table("pets/broken-out", filesystem=bucket).to_pylist()}
+    assert rows["ok.jpg"]["error"] is None and "over input.max_pixels" in rows["bomb.png"]["error"]
+    assert all(rows[n]["error"] for n in rows if n != "ok.jpg")
