@@ -50,6 +50,7 @@ class InputSpec(_Strict):
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     image_column: str = "image"
     id_column: str | None = None
+    keep: list[str] = Field(default_factory=list)
     jpeg_draft: bool = False
     max_pixels: int = Field(100_000_000, ge=1)
     storage_options: StorageOptions = Field(default_factory=dict)

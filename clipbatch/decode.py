@@ -127,20 +127,30 @@ def _fetch_all(sources: list[str], storage_options: dict) -> list:
 def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
                     storage_options: dict, jpeg_draft: bool = False,
                     max_pixels: int | None = None) -> dict[str, np.ndarray]:
-    """Ray Data batch {id, source} -> {id, source, width, height, pixels, error}."""
-    sources = [str(s) for s in batch["source"]]
+    """Ray Data batch -> the same batch with width, height, pixels and error.
+
+    Image-file inputs arrive as {id, source} and are fetched here; shard inputs arrive with their
+    bytes in ``data`` and the reader's ``error`` (see shards.py). Other columns pass through.
+    """
     _, (height_px, width_px) = _geometric_transform(preprocess_cfg_json)
-    n = len(sources)
+    n = len(batch["id"])
     pixels = np.zeros((n, height_px, width_px, 3), dtype=np.uint8)
     widths = np.full(n, FAILED_SIZE, dtype=np.int32)
     heights = np.full(n, FAILED_SIZE, dtype=np.int32)
-    errors = np.full(n, NO_ERROR, dtype=object)
-    for i, data in enumerate(_fetch_all(sources, storage_options)):
+    if "data" in batch:
+        contents = batch["data"]
+        errors = np.array([str(e) if e else NO_ERROR for e in batch["error"]], dtype=object)
+    else:
+        contents = _fetch_all([str(s) for s in batch["source"]], storage_options)
+        errors = np.full(n, NO_ERROR, dtype=object)
+    for i, data in enumerate(contents):
+        if errors[i] != NO_ERROR:
+            continue
         try:
             if isinstance(data, BaseException):
                 raise data
             pixels[i], widths[i], heights[i] = decode_image(data, preprocess_cfg_json, jpeg_draft, max_pixels)
         except Exception as exc:  # any failure of one image becomes that image's error
             errors[i] = _describe(exc)
-    return {"id": batch["id"], "source": batch["source"], "width": widths, "height": heights,
-            "pixels": pixels, "error": errors}
+    passed = {k: v for k, v in batch.items() if k not in ("data", "error")}
+    return {**passed, "width": widths, "height": heights, "pixels": pixels, "error": errors}

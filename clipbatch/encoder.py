@@ -26,7 +26,7 @@ class ClipEncoder:
     def __init__(self, model_name: str, pretrained: str | None, device: str, precision: str,
                  text_head: np.ndarray, classes: list[str], logit_scale: float, logit_bias: float | None,
                  top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
-                 expected_preprocess: dict | None = None):
+                 expected_preprocess: dict | None = None, carried: list[str] = ()):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.loaded = load_model(model_name, pretrained, device=device, precision=precision)
@@ -38,6 +38,7 @@ class ClipEncoder:
         self.classes = np.asarray(classes, dtype=object)
         self.top_k = top_k
         self.embedding_dtype = embedding_dtype
+        self.carried = list(carried)
         self.use_text_head(text_head, logit_scale, logit_bias)
         cfg = self.loaded.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
@@ -53,7 +54,8 @@ class ClipEncoder:
         """Called once the model is loaded (a subclass may wait here for a head computed elsewhere)."""
         self.text_head = torch.from_numpy(np.array(text_head, dtype=np.float32)).to(self.device)
         self.logit_scale, self.logit_bias = logit_scale, logit_bias
-        self.schema = output_schema(len(self.classes), self.text_head.shape[1], self.embedding_dtype)
+        self.schema = output_schema(len(self.classes), self.text_head.shape[1], self.embedding_dtype,
+                                    carried=self.carried)
 
     def embed(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D] on the device."""
@@ -96,4 +98,7 @@ class ClipEncoder:
             columns["embedding"] = fixed_size_lists(embeddings.astype(self.embedding_dtype), valid,
                                                     self.schema.field("embedding").type.value_type)
         columns["error"] = pa.array(errors, pa.string(), mask=valid)
+        for name in self.carried:
+            # A column that is missing everywhere comes back from Ray's Arrow/numpy round trip as NaNs.
+            columns[name] = pa.array([None if v is None or v != v else str(v) for v in batch[name]], pa.string())
         return pa.Table.from_pydict(columns, schema=self.schema)

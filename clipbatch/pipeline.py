@@ -27,7 +27,8 @@ from clipbatch.models import check_hub_model, load_model, preprocess_config, res
 from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
-from clipbatch.sources import list_images
+from clipbatch.shards import carried_name
+from clipbatch.sources import input_format, list_images
 
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
@@ -94,7 +95,7 @@ def fingerprint(spec: JobSpec, classes: list[str], templates: list[str]) -> dict
 
 
 def _prepare_text_head(model_name, pretrained, device, precision, classes, templates, metadata,
-                       embedding_dtype) -> tuple[dict, pa.Schema]:
+                       embedding_dtype, carried) -> tuple[dict, pa.Schema]:
     """Runs once per job, as a Ray task placed like an encoder actor, while the pipeline starts.
 
     Returns the text head for the encoders and the output schema (with the model's logit scale
@@ -106,7 +107,7 @@ def _prepare_text_head(model_name, pretrained, device, precision, classes, templ
                 "logit_bias": loaded.logit_bias, "embedding_dim": int(head.shape[1])}
     prepared = {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
                 "metadata": metadata, "seconds": time.time()}
-    return prepared, output_schema(len(classes), head.shape[1], embedding_dtype, metadata)
+    return prepared, output_schema(len(classes), head.shape[1], embedding_dtype, metadata, carried)
 
 
 class _CountingEncoder(ClipEncoder):
@@ -147,6 +148,7 @@ class Job:
         self.preprocess_cfg = preprocess_config(spec.model.name, spec.model.pretrained)
         self.classes = resolve_classes(spec.labels, spec.input.storage_options)
         self.templates = resolve_templates(spec.labels.templates)
+        self.format = input_format(spec.input)
         self.listing = list_images(spec.input)
         self.out = OutputDir(spec.output.path, spec.output.storage_options)
         self.fingerprint = fingerprint(spec, self.classes, self.templates)
@@ -182,7 +184,7 @@ class Job:
             raise SpecError(f"output.path {self.out.url} already holds output (output.mode is error)")
         if existing and mode == "overwrite":
             self.out.clear()
-            return self.listing
+            return self._with_done(self.listing, self.out.written_rows())
         if parts:
             import pyarrow.parquet as pq
             earlier = read_metadata(pq.read_schema(parts[0], filesystem=self.out.fs)).get("fingerprint")
@@ -192,11 +194,20 @@ class Job:
                                 f"{', '.join(changed)}; use another output.path or output.mode: overwrite")
         for leftover in self.out.leftovers():  # half-written files of a killed run: never parts
             self.out.fs.rm_file(leftover)
-        done = self.out.written_rows()["id"].combine_chunks()
-        todo = self.listing.filter(pc.invert(pc.is_in(self.listing["id"], value_set=done)))
-        if todo.num_rows == 0 and self.out.exists(SUCCESS):
+        if self.out.exists(SUCCESS):
             return None
-        return todo
+        return self._with_done(self.listing, self.out.written_rows())
+
+    def _with_done(self, listing: pa.Table, written: pa.Table) -> pa.Table:
+        """Images: the listing minus what is written. Shards (whose rows are only known once read):
+        every shard, each with the ids of its rows already written, for the reader to skip."""
+        if self.format == "images":
+            done = written["id"].combine_chunks()
+            return listing.filter(pc.invert(pc.is_in(listing["id"], value_set=done)))
+        by_shard = written.group_by("source").aggregate([("id", "list")])
+        done = dict(zip(by_shard["source"].to_pylist(), by_shard["id_list"].to_pylist()))
+        return listing.append_column("done", pa.array([done.get(s, []) for s in listing["source"].to_pylist()],
+                                                      pa.list_(pa.string())))
 
     def run(self) -> RunSummary:
         import ray
@@ -218,7 +229,8 @@ class Job:
                     "templates": self.templates, "preprocess_cfg": self.preprocess_cfg,
                     "fingerprint": self.fingerprint}
         head_args = (resolve_model_name(self.spec.model.name), self.spec.model.pretrained, "cpu",
-                     self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype)
+                     self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype,
+                     [carried_name(k) for k in self.spec.input.keep])
         # A local run without GPUs builds the text head right here while Ray starts, instead of in
         # one more worker process competing for the same few cores with the encoder's start-up.
         in_driver = self._local_cpu_only()
@@ -263,9 +275,19 @@ class Job:
     def _dataset(self, todo: pa.Table, plan: ComputePlan, prepared, embedding_dtype: str | None, counter):
         import ray
         from clipbatch.decode import read_and_decode
+        from clipbatch.shards import read_shards
 
-        blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
-        return (ray.data.from_arrow(blocks)
+        inputs = self.spec.input
+        carried = [carried_name(k) for k in inputs.keep]
+        if self.format == "images":
+            blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
+            rows = ray.data.from_arrow(blocks)
+        else:  # one shard per block and per reader task
+            rows = ray.data.from_arrow([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
+                read_shards, batch_size=1, num_cpus=DECODE_CPUS,
+                fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
+                           "image_column": inputs.image_column, "id_column": inputs.id_column})
+        return (rows
                 .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
                              fn_kwargs={"preprocess_cfg_json": json.dumps(self.preprocess_cfg),
                                         "storage_options": self.spec.input.storage_options,
@@ -282,7 +304,7 @@ class Job:
                                  "precision": self.spec.model.precision, "classes": self.classes,
                                  "top_k": self.spec.labels.top_k, "embedding_dtype": embedding_dtype,
                                  "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
-                                 "expected_preprocess": self.preprocess_cfg}))
+                                 "expected_preprocess": self.preprocess_cfg, "carried": carried}))
 
     def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
                 timings: dict) -> RunSummary:
@@ -290,9 +312,14 @@ class Job:
         written = self.out.written_rows()
         ids = written["id"].combine_chunks()
         errors = written.num_rows - written["error"].null_count
-        expected = self.listing.num_rows
         unique = pc.count_distinct(ids).as_py() if len(ids) else 0
-        complete = len(ids) == unique == expected and pc.all(pc.is_in(self.listing["id"], value_set=ids)).as_py()
+        if self.format == "images":
+            expected = self.listing.num_rows
+            complete = len(ids) == unique == expected and pc.all(pc.is_in(self.listing["id"], value_set=ids)).as_py()
+        else:  # every shard was read to its end (or its damage recorded) and no row is there twice
+            expected = len(ids)
+            sources = written["source"].combine_chunks()
+            complete = len(ids) == unique and pc.all(pc.is_in(self.listing["source"], value_set=sources)).as_py()
         new_rows = sum(r["rows"] for r in sink.written)
         seconds = time.time() - started
         timings["total_s"] = round(seconds, 3)
@@ -300,7 +327,9 @@ class Job:
                     "name": self.spec.name, "input": _json_safe(self.spec.input.path),
                     "output": self.out.url, "device": plan.device, "compute": asdict(plan),
                     "ray": ray_cluster_info(),
-                    "counts": {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows},
+                    "counts": {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows,
+                               **({} if self.format == "images" else {"shards": self.listing.num_rows})},
+                    "format": self.format,
                     "timings": timings, "parts": [p.rsplit("/", 1)[-1] for p in parts],
                     "fingerprint": self.fingerprint, "complete": complete,
                     "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -11,8 +11,9 @@ METADATA_KEY = b"clipbatch"
 
 
 def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
-                  metadata: dict | None = None) -> pa.Schema:
-    """embedding_dtype None means the job keeps no embedding column."""
+                  metadata: dict | None = None, carried: list[str] = ()) -> pa.Schema:
+    """embedding_dtype None means the job keeps no embedding column; carried columns (input.keep)
+    come last, as strings."""
     fields = [
         pa.field("id", pa.string()),
         pa.field("source", pa.string()),
@@ -28,6 +29,7 @@ def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
         value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
         fields.append(pa.field("embedding", pa.list_(value_type, embed_dim)))
     fields.append(pa.field("error", pa.string()))
+    fields += [pa.field(name, pa.string()) for name in carried]
     schema = pa.schema(fields)
     if metadata is not None:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})

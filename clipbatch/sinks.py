@@ -84,9 +84,9 @@ class OutputDir:
         return self.fs.glob(self.join(".part-*.tmp")) + self.fs.glob(self.join("._*.tmp"))
 
     def written_rows(self) -> pa.Table:
-        """(id, error) of every row written so far (parts are atomic, so every part is whole)."""
-        schema = pa.schema([("id", pa.string()), ("error", pa.string())])
-        tables = [pq.read_table(p, columns=["id", "error"], filesystem=self.fs) for p in self.parts()]
+        """(id, source, error) of every row written so far (parts are atomic, so every part is whole)."""
+        schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
+        tables = [pq.read_table(p, columns=schema.names, filesystem=self.fs) for p in self.parts()]
         return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 

@@ -22,6 +22,7 @@ from clipbatch.secrets import redact
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".heic",
                     ".heif", ".jxl", ".ico", ".ppm", ".pgm")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
+SHARD_EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",)}
 
 
 @dataclass
@@ -43,20 +44,22 @@ def _glob_root(pattern: str) -> str:
     return posixpath.dirname(pattern)
 
 
-def _is_image(path: str) -> bool:
+def _wanted(path: str, extensions: tuple[str, ...]) -> bool:
     name = posixpath.basename(path)
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(extensions) and not name.startswith(".")
 
 
-def _find_one(entry: str, storage_options: dict) -> _Found:
+def _find_one(entry: str, storage_options: dict, extensions: tuple[str, ...], lenient: bool = False) -> _Found:
     fs = filesystem_for(entry, storage_options)
     path = fs._strip_protocol(entry)
     if _has_magic(path):
         matches = fs.glob(path, detail=True)
         return _Found(fs, _glob_root(path), sorted(p for p, info in matches.items() if info["type"] == "file"))
     if fs.isdir(path):
-        return _Found(fs, path, sorted(p for p in fs.find(path) if _is_image(p)))
+        return _Found(fs, path, sorted(p for p in fs.find(path) if _wanted(p, extensions)))
     if not fs.isfile(path):
+        if lenient:  # one shard of a range: the reader records it as an error row
+            return _Found(fs, posixpath.dirname(path), [path])
         raise SpecError(f"input.path: {entry} does not exist")
     if path.lower().endswith(LIST_EXTENSIONS):
         return _from_list_file(fs, path, storage_options)
@@ -107,25 +110,45 @@ def _one_protocol(entries: list[str]) -> list[str]:
     return entries
 
 
-def _find_or_explain(entry: str, storage_options: dict) -> _Found:
+def _find_or_explain(entry: str, storage_options: dict, extensions, lenient: bool) -> _Found:
     try:
-        return _find_one(entry, storage_options)
+        return _find_one(entry, storage_options, extensions, lenient)
     except SpecError:
         raise
     except Exception as exc:
         raise SpecError(f"input.path: cannot list {entry}: {redact(f'{type(exc).__name__}: {exc}')}") from None
 
 
+def input_format(spec: InputSpec) -> str:
+    """images | webdataset | parquet; 'auto' decides by the extension of the path(s) given."""
+    if spec.format != "auto":
+        return spec.format
+    paths = [spec.path] if isinstance(spec.path, str) else spec.path
+    for fmt, extensions in SHARD_EXTENSIONS.items():
+        if all(p.rstrip("/").lower().endswith(extensions) for p in paths):
+            return fmt
+    return "images"
+
+
 def list_images(spec: InputSpec) -> pa.Table:
-    """All inputs as an Arrow table (id, source), sorted by source, no duplicates."""
+    """All inputs as an Arrow table (id, source), sorted by source, no duplicates.
+
+    For images a row is an image; for webdataset and parquet inputs a row is a shard.
+    """
+    fmt = input_format(spec)
+    extensions = SHARD_EXTENSIONS.get(fmt, IMAGE_EXTENSIONS)
     entries = _entries(spec.path)
-    found = [_find_or_explain(entry, spec.storage_options) for entry in _one_protocol(entries)]
+    # A missing shard inside a range is an error row, not a failed job; a missing image path is not.
+    lenient = fmt != "images" and len(entries) > 1
+    found = [_find_or_explain(entry, spec.storage_options, extensions, lenient) for entry in _one_protocol(entries)]
+    if lenient and all(not f.fs.exists(file) for f in found for file in f.files):
+        raise SpecError(f"input.path: none of the {len(entries)} shards in {spec.path} exists")
     protocols = {str(f.fs.protocol) for f in found if f.files}
     if len(protocols) > 1:
         raise SpecError(f"input.path mixes storage protocols {sorted(protocols)}; use one per job")
     found = [f for f in found if f.files]
     if not found:
-        raise SpecError(f"input.path: no images found in {spec.path}")
+        raise SpecError(f"input.path: no {'images' if fmt == 'images' else fmt + ' shards'} found in {spec.path}")
     fs = found[0].fs
     root = found[0].root if len(found) == 1 else _common_dir([f.root + "/" for f in found])
     ids: dict[str, str] = {}
