@@ -1,8 +1,8 @@
 """The one place where the stages are wired together with Ray Data.
 
 ``build(spec)`` checks everything that can be checked before Ray starts and
-returns a Job; ``Job.run()`` executes listing -> decode tasks -> encoder actor
-pool -> Parquet sink, then writes the manifest and _SUCCESS.
+returns a Job; ``Job.run()`` executes listing (or shard-reader tasks) -> decode
+tasks -> encoder actor pool -> Parquet sink, then writes the manifest and _SUCCESS.
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ def start(workdir: Path, timeout: float = 60.0) -> S3Server:
     data = workdir / "data"
     data.mkdir(exist_ok=True)
     cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-           f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
-           f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=20",
+           f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=16",
+           f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=200",
            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-metricsPort={metrics}",
            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.port.iceberg={s3_iceberg}",
            f"-s3.port.lance={s3_lance}", f"-s3.config={config}"]
