@@ -159,7 +159,8 @@ class Job:
         n = self.listing.num_rows
         ids = self.listing.column("source").slice(0, sample).to_pylist()
         lines = [f"job        {s.name}",
-                 f"images     {n:,} found in {s.input.path}",
+                 f"images     {n:,} found in {s.input.path}" if self.format == "images" else
+                 f"shards     {n:,} {self.format} shards found in {s.input.path}",
                  *[f"           {i}" for i in ids],
                  *(["           ..."] if n > sample else []),
                  f"classes    {len(self.classes)}: {', '.join(self.classes[:10])}"
