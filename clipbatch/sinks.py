@@ -24,6 +24,7 @@ from ray.data import Datasink
 
 from clipbatch.config import SpecError
 from clipbatch.secrets import redact
+from clipbatch.sources import is_local
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -37,7 +38,7 @@ class OutputDir:
         self.url = path.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.storage_options = storage_options
-        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
+        self.is_local = is_local(self.fs)
 
     def join(self, name: str) -> str:
         return posixpath.join(self.root, name)

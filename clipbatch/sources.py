@@ -69,7 +69,7 @@ def _find_one(entry: str, storage_options: dict, extensions: tuple[str, ...], le
 def _from_list_file(list_fs, path: str, storage_options: dict) -> _Found:
     """A text file of URIs, taken as they are (nothing is opened or checked: a missing file becomes an
     error row). Relative entries are relative to the list file's folder."""
-    base = list_fs.unstrip_protocol(posixpath.dirname(path)) if not _is_local(list_fs) else posixpath.dirname(path)
+    base = list_fs.unstrip_protocol(posixpath.dirname(path)) if not is_local(list_fs) else posixpath.dirname(path)
     with list_fs.open(path, "r", encoding="utf-8") as f:
         uris = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     uris = [u if "://" in u or u.startswith("/") else posixpath.join(base, u) for u in uris]
@@ -99,7 +99,7 @@ def filesystem_for(url: str, storage_options: dict):
     return fs
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 
 
@@ -156,6 +156,6 @@ def list_images(spec: InputSpec) -> pa.Table:
         for file in group.files:
             ids.setdefault(file, posixpath.relpath(file, root) if root else file.lstrip("/"))
     ordered = sorted(ids)
-    local = _is_local(fs)
+    local = is_local(fs)
     return pa.table({"id": pa.array([ids[p] for p in ordered], pa.string()),
                      "source": pa.array([p if local else fs.unstrip_protocol(p) for p in ordered], pa.string())})
