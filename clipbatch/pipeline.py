@@ -149,6 +149,7 @@ class Job:
         self.classes = resolve_classes(spec.labels, spec.input.storage_options)
         self.templates = resolve_templates(spec.labels.templates)
         self.format = input_format(spec.input)
+        self.carried = [carried_name(k) for k in spec.input.keep]  # output columns of input.keep
         self.listing = list_images(spec.input)
         self.out = OutputDir(spec.output.path, spec.output.storage_options)
         self.fingerprint = fingerprint(spec, self.classes, self.templates)
@@ -185,7 +186,7 @@ class Job:
             raise SpecError(f"output.path {self.out.url} already holds output (output.mode is error)")
         if existing and mode == "overwrite":
             self.out.clear()
-            return self._with_done(self.listing, self.out.written_rows())
+            parts = []
         if parts:
             import pyarrow.parquet as pq
             earlier = read_metadata(pq.read_schema(parts[0], filesystem=self.out.fs)).get("fingerprint")
@@ -229,14 +230,17 @@ class Job:
                     "pretrained": self.spec.model.pretrained, "classes": self.classes,
                     "templates": self.templates, "preprocess_cfg": self.preprocess_cfg,
                     "fingerprint": self.fingerprint}
-        head_args = (resolve_model_name(self.spec.model.name), self.spec.model.pretrained, "cpu",
-                     self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype,
-                     [carried_name(k) for k in self.spec.input.keep])
+
+        def head_args(device: str) -> tuple:
+            return (resolve_model_name(self.spec.model.name), self.spec.model.pretrained, device,
+                    self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype,
+                    self.carried)
+
         # A local run without GPUs builds the text head right here while Ray starts, instead of in
         # one more worker process competing for the same few cores with the encoder's start-up.
         in_driver = self._local_cpu_only()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            head_here = pool.submit(_prepare_text_head, *head_args) if in_driver else None
+            head_here = pool.submit(_prepare_text_head, *head_args("cpu")) if in_driver else None
             init_ray()
             cluster = ray_cluster_info()
             plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]))
@@ -248,8 +252,7 @@ class Job:
                 prepared, schema = (ray.put(part) for part in head_here.result())
             else:
                 prepared, schema = ray.remote(_prepare_text_head).options(
-                    num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(
-                    *head_args[:2], plan.device, *head_args[3:])
+                    num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(*head_args(plan.device))
         ray_ready = time.time()
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
                                     self.spec.output.rows_per_part)
@@ -279,7 +282,6 @@ class Job:
         from clipbatch.shards import read_shards
 
         inputs = self.spec.input
-        carried = [carried_name(k) for k in inputs.keep]
         if self.format == "images":
             blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
             rows = ray.data.from_arrow(blocks)
@@ -305,7 +307,7 @@ class Job:
                                  "precision": self.spec.model.precision, "classes": self.classes,
                                  "top_k": self.spec.labels.top_k, "embedding_dtype": embedding_dtype,
                                  "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
-                                 "expected_preprocess": self.preprocess_cfg, "carried": carried}))
+                                 "expected_preprocess": self.preprocess_cfg, "carried": self.carried}))
 
     def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
                 timings: dict) -> RunSummary:
@@ -371,5 +373,5 @@ def init_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    for name in ("ray.data", "ray.data._internal.progress"):
-        logging.getLogger(name).setLevel(logging.ERROR if name.endswith("progress") else logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"

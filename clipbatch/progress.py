@@ -67,17 +67,21 @@ class ProgressReporter:
             rate = done / (now - self.started) if done else 0.0
         return format_progress(done, self.total, errors, now - self.started, rate)
 
+    def _print(self, final: bool = False) -> None:
+        """One progress line: rewritten in place on a terminal, appended in a log."""
+        try:
+            line = self._line()
+        except Exception:  # progress must never break a job
+            return
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                line = self._line()
-            except Exception:  # progress must never break a job
-                continue
-            if self.tty:
-                self.stream.write("\r" + line.ljust(100))
-            else:
-                self.stream.write(line + "\n")
-            self.stream.flush()
+            self._print()
 
     def __enter__(self):
         self._thread.start()
@@ -86,9 +90,4 @@ class ProgressReporter:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        try:
-            line = self._line()
-            self.stream.write(("\r" + line.ljust(100) + "\n") if self.tty else line + "\n")
-        except Exception:
-            pass
-        self.stream.flush()
+        self._print(final=True)
