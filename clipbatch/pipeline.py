@@ -241,7 +241,9 @@ class Job:
         in_driver = self._local_cpu_only()
         with ThreadPoolExecutor(max_workers=1) as pool:
             head_here = pool.submit(_prepare_text_head, *head_args("cpu")) if in_driver else None
-            init_ray()
+            dashboard = init_ray()
+            if dashboard:
+                print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
             cluster = ray_cluster_info()
             plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]))
             print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
@@ -360,13 +362,14 @@ def ray_cluster_info() -> dict:
             "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray."""
+def init_ray() -> str | None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray; returns the dashboard's URL, if any."""
     import ray
 
+    dashboard = None
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level="WARNING")
+            dashboard = ray.init(logging_level="WARNING").dashboard_url
         else:
             ray.init(include_dashboard=False, logging_level="WARNING")
     # clipbatch prints its own progress line (rows/total, img/s, ETA); Ray Data's is per operator.
@@ -375,3 +378,4 @@ def init_ray() -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    return f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard

@@ -9,12 +9,22 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"
                "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "HF_TOKEN")
 # Query-string signatures and credentials that libraries sometimes echo back.
 _SIGNED = re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
+# HTTP authorization headers, as a client library may print them in an error.
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\",}]+", re.IGNORECASE)
+# Secrets read from files (a Ray token in ~/.ray/auth_token) rather than from the environment.
+_KNOWN: set[str] = set()
+
+
+def add_secret(value: str) -> None:
+    """Mask this value too from now on (for secrets that do not live in an environment variable)."""
+    if value and len(value) >= 4:
+        _KNOWN.add(value)
 
 
 def redact(text: str) -> str:
     """Replace every known secret value in text by '***'."""
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
+    values = {os.environ.get(name) or "" for name in _SECRET_ENV} | _KNOWN
+    for value in sorted(values, key=len, reverse=True):
+        if len(value) >= 4:
             text = text.replace(value, "***")
-    return _SIGNED.sub(r"\1***", text)
+    return _BEARER.sub(r"\1***", _SIGNED.sub(r"\1***", text))

@@ -1,0 +1,266 @@
+"""`clipbatch submit|status|logs`: run a job spec on a Ray cluster through Ray's Jobs API.
+
+The spec is validated here (with its --set overrides applied) and shipped in
+the job's runtime_env working_dir together with this clipbatch package
+(py_modules), so the cluster runs exactly the spec and the code the user ran
+locally. Clusters with token authentication (Ray's default since 2.59 for
+local and 2.61 for all clusters) need the token on every request; Ray's own
+client only sends it when RAY_AUTH_MODE=token is set in the submitting shell,
+so clipbatch finds the token where Ray keeps it and sends the header itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+import yaml
+
+import clipbatch
+from clipbatch.config import SpecError, load_spec
+from clipbatch.secrets import add_secret, redact
+
+SPEC_NAME = "clipbatch-job.yaml"  # the spec's name inside the job's working_dir
+TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it, or put it in "
+              "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)")
+
+
+class ClusterError(SpecError):
+    """A problem reaching or using the cluster, reported as one line like a spec error."""
+
+
+def find_token() -> tuple[str, str] | None:
+    """(token, where it was found), in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token. Whatever is found is masked in everything clipbatch prints."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        token, where = os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    else:
+        named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+        if not path.is_file():
+            if named:
+                raise ClusterError(f"RAY_AUTH_TOKEN_PATH is {named}, which is not a file; {TOKEN_HELP}")
+            return None
+        token, where = path.read_text().strip(), str(path)
+        if not token:
+            raise ClusterError(f"the token file {path} is empty; {TOKEN_HELP}")
+    add_secret(token)
+    return token, where
+
+
+def dashboard_address(address: str | None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (as Ray's job CLI)."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ClusterError("no cluster given: use --address http://HEAD:8265 (the Ray dashboard's address) "
+                           "or set RAY_API_SERVER_ADDRESS")
+    return address
+
+
+def connect(address: str | None):
+    """A JobSubmissionClient for the dashboard at address, sending the token when there is one."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    address = dashboard_address(address)
+    found = find_token()
+    headers = {"Authorization": f"Bearer {found[0]}"} if found else None
+    # Ray lets RAY_API_SERVER_ADDRESS and RAY_ADDRESS override the address it is given; here it is given one.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        if found is None:
+            raise ClusterError(f"the Ray cluster at {address} requires an authentication token and none was "
+                               f"found: {TOKEN_HELP}") from None
+        if "Authentication failed" in str(exc):
+            raise ClusterError(f"the Ray cluster at {address} refused the token from {found[1]}; {TOKEN_HELP}") \
+                from None
+        raise ClusterError(redact(str(exc).splitlines()[0])) from None
+    except ConnectionError:
+        raise ClusterError(f"cannot reach the Ray dashboard at {address}: is the head node running, and is "
+                           "this its dashboard address (port 8265 by default)?") from None
+    finally:
+        os.environ.update(hidden)
+
+
+def _is_local_path(path: str) -> bool:
+    return fsspec.core.split_protocol(path)[0] in (None, "file", "local")
+
+
+def _is_this_machine(address: str) -> bool:
+    """Whether the head at address runs here, so that it reads the same local files as this shell."""
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname or ""
+    if host in ("localhost", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+        return host in socket.gethostbyname_ex(socket.gethostname())[2]
+    except (ValueError, OSError):
+        return False
+
+
+def place_paths(raw: dict[str, Any], remote: bool, ship: Path | None) -> dict[str, Any]:
+    """The spec as the cluster must see it: local paths under --working-dir become paths relative to
+    the job's working directory (shipped with it); other local paths become absolute for a head on this
+    machine, and are an error for a remote one (it cannot read this machine's files)."""
+    def place(key: str, value: str, prefix: str = "") -> str:
+        path = os.path.abspath(os.path.expanduser(value))
+        if ship is not None and key != "output.path" and Path(path).is_relative_to(ship):
+            return prefix + Path(path).relative_to(ship).as_posix()
+        if not remote:
+            return prefix + path
+        hint = ("results written there would stay on a cluster node; use shared storage (s3://, gs://, ...)"
+                if key == "output.path" else "use shared storage (s3://, gs://, ...) or ship it with "
+                "--working-dir DIR (small files only)")
+        raise ClusterError(f"{key} {value!r} is a local path that the remote cluster cannot read; {hint}")
+
+    spec = yaml.safe_load(yaml.safe_dump(raw))
+    inputs = spec["input"]["path"]
+    spec["input"]["path"] = [place("input.path", p) if _is_local_path(p) else p for p in inputs] \
+        if isinstance(inputs, list) else place("input.path", inputs) if _is_local_path(inputs) else inputs
+    if _is_local_path(spec["output"]["path"]):
+        spec["output"]["path"] = place("output.path", spec["output"]["path"])
+    if spec["labels"].get("classes_file") and _is_local_path(spec["labels"]["classes_file"]):
+        spec["labels"]["classes_file"] = place("labels.classes_file", spec["labels"]["classes_file"])
+    model = spec["model"]
+    if model["name"].startswith("local-dir:"):
+        model["name"] = place("model.name", model["name"].removeprefix("local-dir:"), "local-dir:")
+    if model.get("pretrained") and os.path.isfile(os.path.expanduser(model["pretrained"])):
+        model["pretrained"] = place("model.pretrained", model["pretrained"])
+    return spec
+
+
+def _stage(spec: dict[str, Any], ship: Path | None) -> str:
+    """A directory to upload as the job's working_dir: the --working-dir files and the spec."""
+    stage = Path(tempfile.mkdtemp(prefix="clipbatch-submit-"))
+    if ship is not None:
+        shutil.copytree(ship, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+        if (stage / SPEC_NAME).exists():
+            raise ClusterError(f"--working-dir {ship} already holds a {SPEC_NAME}; clipbatch writes the job's "
+                               "spec under that name")
+    (stage / SPEC_NAME).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(stage)
+
+
+def submit(spec_path: str, overrides: dict[str, Any], address: str | None, wait: bool,
+           working_dir: str | None) -> int:
+    ship = Path(working_dir).resolve() if working_dir else None
+    if ship is not None and not ship.is_dir():
+        raise ClusterError(f"--working-dir {working_dir} is not a directory")
+    # A bad spec or a local path the cluster cannot read fails here, before the cluster is contacted.
+    spec = load_spec(spec_path, overrides)
+    address = dashboard_address(address)
+    placed = place_paths(spec.model_dump(mode="json", exclude_unset=True), not _is_this_machine(address), ship)
+    client = connect(address)
+    stage = _stage(placed, ship)
+    try:
+        job_id = client.submit_job(
+            entrypoint=f"python -m clipbatch.cli run {SPEC_NAME}",
+            submission_id=f"clipbatch-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}",
+            runtime_env={"working_dir": stage, "py_modules": [str(Path(clipbatch.__file__).parent)]},
+            metadata={"clipbatch_job": spec.name, "clipbatch_version": clipbatch.__version__})
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if not wait:
+        print(job_id)
+        return 0
+    print(f"clipbatch: submitted {job_id} to {client.get_address()} (dashboard: {client.get_address()}/#/jobs/{job_id})",
+          file=sys.stderr, flush=True)
+    return follow(client, job_id)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "job"
+
+
+def follow(client, job_id: str) -> int:
+    """Stream the job's logs until it ends; the exit code is the job's outcome."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(redact(chunk))
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nclipbatch: stopped following; {job_id} keeps running (clipbatch status {job_id}, "
+              f"clipbatch logs {job_id} --follow, ray job stop {job_id})", file=sys.stderr)
+        return 130
+    return report(client, job_id)
+
+
+def report(client, job_id: str) -> int:
+    """One line with the job's state; 0 when it succeeded or is still going, 1 when it failed or was stopped."""
+    info = client.get_job_info(job_id)
+    state = str(info.status)
+    message = redact((info.message or "").strip().splitlines()[0]) if info.message else ""
+    print(f"clipbatch: {job_id} {state}{': ' + message if message else ''}", file=sys.stderr, flush=True)
+    return 1 if state in ("FAILED", "STOPPED") else 0
+
+
+def _client_for_job(args):
+    client = connect(args.address)
+    try:
+        client.get_job_info(args.id)
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise ClusterError(f"no job {args.id!r} on the cluster at {client.get_address()}") from None
+        raise
+    return client
+
+
+def cmd_submit(args) -> int:
+    from clipbatch.cli import _overrides
+
+    return submit(args.spec, _overrides(args.set), args.address, not args.no_wait, args.working_dir)
+
+
+def cmd_status(args) -> int:
+    return report(_client_for_job(args), args.id)
+
+
+def cmd_logs(args) -> int:
+    client = _client_for_job(args)
+    if args.follow:
+        return follow(client, args.id)
+    sys.stdout.write(redact(client.get_job_logs(args.id)))
+    return 0
+
+
+def add_submit_parsers(sub) -> None:
+    """`submit`, `status` and `logs` subcommands (called from cli.main)."""
+    from clipbatch.cli import _add_spec_args
+
+    def address(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="the Ray dashboard, e.g. http://HEAD:8265 "
+                                         "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+
+    p = sub.add_parser("submit", help="run a job spec on a Ray cluster (Ray Jobs API)")
+    _add_spec_args(p)
+    address(p)
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    p.add_argument("--working-dir", metavar="DIR",
+                   help="ship DIR with the job; local paths in the spec under DIR are read from the copy")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("status", help="state of a submitted job")
+    p.add_argument("id", help="submission id printed by `clipbatch submit`")
+    address(p)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("logs", help="logs of a submitted job")
+    p.add_argument("id", help="submission id printed by `clipbatch submit`")
+    address(p)
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
+    p.set_defaults(func=cmd_logs)

@@ -1,0 +1,190 @@
+"""`clipbatch submit|status|logs` against a real Ray head with token authentication on.
+
+The head is `ray start --head` with the dashboard, in its own process group, temp dir and HOME,
+so that it neither reads nor writes the real ~/.ray and no other `ray.init()` on this machine
+finds it; it is stopped by signalling that process group (never `ray stop`, which stops every
+Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipbatch.config import load_spec
+from clipbatch.submit import ClusterError, place_paths
+from conftest import spec_dict
+
+VENV_BIN = str(Path(sys.executable).parent)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _base_env(home: Path) -> dict:
+    """A shell without Ray's auth settings, RAY_ADDRESS or a token, with this checkout first on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
+    return {**env, "HOME": str(home), "PATH": f"{VENV_BIN}:{env.get('PATH', '')}", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-authenticated head on loopback; yields (dashboard URL, token, its HOME)."""
+    root = Path(tempfile.mkdtemp(prefix="cbh", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    home = root / "home"
+    (home / ".ray").mkdir(parents=True)
+    token = secrets.token_hex(16)
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    gcs, dash, *others = _free_ports(7)
+    # No PYTHONPATH for the head: the job must run the clipbatch that submit ships (py_modules).
+    env = {**_base_env(home), "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(root / "tmp")}
+    env.pop("PYTHONPATH")
+    cmd = [f"{VENV_BIN}/ray", "start", "--head", "--include-dashboard=true", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+           f"--temp-dir={root / 'tmp'}", f"--ray-client-server-port={others[0]}",
+           f"--dashboard-agent-listen-port={others[1]}", f"--dashboard-agent-grpc-port={others[2]}",
+           f"--runtime-env-agent-port={others[3]}", f"--metrics-export-port={others[4]}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out[-3000:]
+        yield f"http://127.0.0.1:{dash}", token, home
+    finally:
+        _stop_group(proc.pid)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM the head's process group, give it a while to drain, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+
+
+def clipbatch(args: list[str], env: dict, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipbatch.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_submit_streams_logs_and_succeeds(head, tmp_path, tiny_model, images):
+    """Token from ~/.ray/auth_token with RAY_AUTH_MODE unset; images shipped with --working-dir."""
+    address, token, home = head
+    ship = tmp_path / "ship"
+    shutil.copytree(images, ship / "images")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict("ship/images", tiny_model, tmp_path / "out")))
+    proc = clipbatch(["submit", "job.yaml", "--address", address, "--working-dir", "ship"], _base_env(home),
+                     tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert token not in output
+    assert "clipbatch encoder on" in output and "clipbatch: complete: 24 rows" in output  # the job's own log
+    assert re.search(r"clipbatch: clipbatch-test-\w+ SUCCEEDED", proc.stderr)
+    assert "Ray dashboard at" in output
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_failing_job_status_and_logs(head, tmp_path, tiny_model, images):
+    """A spec that fails on the cluster: non-zero exit with the cluster's error, in wait mode and after
+    --no-wait through `status` and `logs`; the token comes from RAY_AUTH_TOKEN_PATH."""
+    address, token, home = head
+    env = {**_base_env(tmp_path), "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(images, tiny_model, tmp_path / "out")))
+    missing = ["--set", f"input.path={tmp_path / 'missing'}"]
+    proc = clipbatch(["submit", "job.yaml", "--address", address, *missing], env, tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    assert f"clipbatch: error: input.path: {tmp_path / 'missing'} does not exist" in proc.stdout
+    assert re.search(r"clipbatch-test-\w+ FAILED", proc.stderr)
+
+    proc = clipbatch(["submit", "job.yaml", "--address", address, "--no-wait", *missing], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = proc.stdout.strip()
+    assert re.fullmatch(r"clipbatch-test-\w+", job_id)
+    follow = clipbatch(["logs", job_id, "--address", address, "--follow"], env, tmp_path)
+    assert follow.returncode == 1 and "does not exist" in follow.stdout
+    status = clipbatch(["status", job_id, "--address", address], env, tmp_path)
+    assert status.returncode == 1 and f"{job_id} FAILED" in status.stderr
+    logs = clipbatch(["logs", job_id, "--address", address], env, tmp_path)
+    assert logs.returncode == 0 and "does not exist" in logs.stdout
+    unknown = clipbatch(["status", "clipbatch-no-such-job", "--address", address], env, tmp_path)
+    assert unknown.returncode == 2 and "no job 'clipbatch-no-such-job'" in unknown.stderr
+    for p in (proc, follow, status, logs, unknown):
+        assert token not in p.stdout + p.stderr
+
+
+def test_without_or_with_a_wrong_token_one_line(head, tmp_path, tiny_model, images):
+    address, token, _ = head
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(images, tiny_model, tmp_path / "out")))
+    proc = clipbatch(["submit", "job.yaml", "--address", address], _base_env(tmp_path), tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("clipbatch: error: the Ray cluster at") and "requires an authentication token" \
+        in lines[0] and "RAY_AUTH_TOKEN" in lines[0] and "~/.ray/auth_token" in lines[0]
+
+    wrong = token[::-1]
+    proc = clipbatch(["status", "anything", "--address", address], {**_base_env(tmp_path), "RAY_AUTH_TOKEN": wrong},
+                     tmp_path, timeout=120)
+    assert proc.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert wrong not in proc.stdout + proc.stderr and token not in proc.stdout + proc.stderr
+
+
+def test_local_paths_and_a_remote_cluster(tmp_path, tiny_model):
+    """Checked before the cluster is contacted: the address is a documentation address nobody answers."""
+    raw = load_spec(spec_dict(tmp_path / "imgs", tiny_model, "s3://bucket/out")).model_dump(mode="json",
+                                                                                         exclude_unset=True)
+    with pytest.raises(ClusterError, match=r"^input.path '.*imgs' is a local path that the remote cluster cannot "
+                                           r"read; use shared storage .* or ship it with --working-dir"):
+        place_paths(raw, remote=True, ship=None)
+    with pytest.raises(ClusterError, match=r"^model.name '.*tiny' is a local path"):
+        place_paths(raw, remote=True, ship=tmp_path)
+    raw["model"]["name"] = "clipbatch-demo"  # inside the package, which travels with every job
+    shipped = place_paths(raw, remote=True, ship=tmp_path)
+    assert shipped["input"]["path"] == "imgs" and shipped["model"]["name"] == "clipbatch-demo"
+    raw["output"]["path"] = str(tmp_path / "out")
+    with pytest.raises(ClusterError, match="output.path .* would stay on a cluster node"):
+        place_paths(raw, remote=True, ship=tmp_path)
+    assert place_paths(raw, remote=False, ship=None)["output"]["path"] == str(tmp_path / "out")
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict("imgs", tiny_model, tmp_path / "out")))
+    proc = clipbatch(["submit", "job.yaml", "--address", "http://198.51.100.7:8265"], _base_env(tmp_path),
+                     tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "clipbatch: error: input.path 'imgs' is a local path that the remote cluster cannot read; use shared "
+        "storage (s3://, gs://, ...) or ship it with --working-dir DIR (small files only)"]
