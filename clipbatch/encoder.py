@@ -26,7 +26,8 @@ class ClipEncoder:
     def __init__(self, model_name: str, pretrained: str | None, device: str, precision: str,
                  text_head: np.ndarray, classes: list[str], logit_scale: float, logit_bias: float | None,
                  top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
-                 expected_preprocess: dict | None = None, carried: list[str] = ()):
+                 expected_preprocess: dict | None = None, carried: list[str] = (), node: str | None = None):
+        """node: where this actor runs, for its start-up line (default: the host name)."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.loaded = load_model(model_name, pretrained, device=device, precision=precision)
@@ -46,7 +47,7 @@ class ClipEncoder:
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.loaded.precision,
                                                                                 torch.float32)
         name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
-        print(f"clipbatch encoder on {platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
+        print(f"clipbatch encoder on {node or platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
               f"precision {self.loaded.precision}, batch size {batch_size}, torch threads "
               f"{torch.get_num_threads()}", flush=True)
 

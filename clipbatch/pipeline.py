@@ -33,6 +33,11 @@ from clipbatch.sources import input_format, list_images
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5
+# Fault tolerance is Ray Data's own: its map tasks retry without limit (max_retries=-1) and its
+# pool actors restart and retry their batches without limit (max_restarts=-1,
+# max_task_retries=-1), so a lost worker or node only redoes batches. Retries never duplicate
+# rows because a part's name is the hash of its ids: a repeated write replaces the same file.
+# (tests/test_multinode.py kills a node that holds an encoder actor part-way through a job.)
 
 
 @dataclass
@@ -115,8 +120,13 @@ class _CountingEncoder(ClipEncoder):
     counter (this wrapper keeps encoder.py free of Ray)."""
 
     def __init__(self, counter, prepared, **kwargs):
+        import platform
+
+        import ray
+
         self.counter = counter
-        super().__init__(text_head=prepared, logit_scale=None, logit_bias=None, **kwargs)
+        node = f"{platform.node()} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
+        super().__init__(text_head=prepared, logit_scale=None, logit_bias=None, node=node, **kwargs)
 
     def use_text_head(self, prepared, logit_scale, logit_bias) -> None:
         import ray
@@ -213,6 +223,7 @@ class Job:
 
     def run(self) -> RunSummary:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         started = time.time()
         self.out.check_writable()
@@ -253,13 +264,16 @@ class Job:
             if head_here is not None:
                 prepared, schema = (ray.put(part) for part in head_here.result())
             else:
+                gpus = plan.gpus_per_actor if plan.device == "cuda" else 0  # logical GPUs compute on CPU
                 prepared, schema = ray.remote(_prepare_text_head).options(
-                    num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(*head_args(plan.device))
+                    num_cpus=0.5, num_gpus=gpus, num_returns=2).remote(*head_args(plan.device))
         ray_ready = time.time()
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
                                     self.spec.output.rows_per_part)
         if todo.num_rows:
-            counter = ProgressCounter.remote()
+            # On the driver's node, so that losing a worker node never loses the progress count.
+            counter = ProgressCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True)).remote()
             with ProgressReporter(counter, todo.num_rows):
                 dataset = self._dataset(todo, plan, prepared, embedding_dtype, counter)
                 dataset.write_datasink(sink)

@@ -15,13 +15,14 @@ TINY_VIT_CFG = {
 }
 
 
-def make_tiny_model(folder: Path, seed: int = 0, siglip: bool = False) -> Path:
-    """A seeded, randomly initialised open_clip CLIP saved as local-dir (SigLIP-style with a logit_bias)."""
+def make_tiny_model(folder: Path, seed: int = 0, siglip: bool = False, vision_cfg: dict | None = None) -> Path:
+    """A seeded, randomly initialised open_clip CLIP saved as local-dir (SigLIP-style with a logit_bias);
+    vision_cfg replaces the image tower's config (a slower model for jobs that must last a while)."""
     import open_clip
     import torch
 
     torch.manual_seed(seed)
-    cfg = {**TINY_VIT_CFG}
+    cfg = {**TINY_VIT_CFG, **({"vision_cfg": vision_cfg} if vision_cfg else {})}
     if siglip:
         cfg = {**cfg, "init_logit_bias": -3.0, "init_logit_scale": float(np.log(10.0))}
     model = open_clip.model.CLIP(**cfg)
