@@ -59,6 +59,10 @@ def find_token() -> tuple[str, str] | None:
     return token, where
 
 
+def _auth_headers(found: tuple[str, str] | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {found[0]}"} if found else None
+
+
 def dashboard_address(address: str | None) -> str:
     """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (as Ray's job CLI)."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -75,7 +79,7 @@ def connect(address: str | None):
 
     address = dashboard_address(address)
     found = find_token()
-    headers = {"Authorization": f"Bearer {found[0]}"} if found else None
+    headers = _auth_headers(found)
     # Ray lets RAY_API_SERVER_ADDRESS and RAY_ADDRESS override the address it is given; here it is given one.
     hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
@@ -99,6 +103,22 @@ def _is_local_path(path: str) -> bool:
     return fsspec.core.split_protocol(path)[0] in (None, "file", "local")
 
 
+def _runs_here(address: str, client) -> bool:
+    """Whether every node of the cluster is this machine: a head started here, not one reached
+    through an SSH tunnel or `kubectl port-forward` on localhost (its nodes have other addresses)."""
+    import requests
+
+    if not _is_this_machine(address):
+        return False
+    try:
+        r = requests.get(f"{client.get_address()}/api/v0/nodes", headers=_auth_headers(find_token()),
+                         timeout=30)
+        nodes = r.json()["data"]["result"]["result"]
+        return all(_is_this_machine(n["node_ip"]) for n in nodes if n.get("state") == "ALIVE")
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return True  # an older dashboard without the state API: trust the address
+
+
 def _is_this_machine(address: str) -> bool:
     """Whether the head at address runs here, so that it reads the same local files as this shell."""
     host = urlsplit(address if "://" in address else f"http://{address}").hostname or ""
@@ -107,8 +127,13 @@ def _is_this_machine(address: str) -> bool:
     try:
         if ipaddress.ip_address(host).is_loopback:
             return True
-        return host in socket.gethostbyname_ex(socket.gethostname())[2]
-    except (ValueError, OSError):
+    except ValueError:
+        return False
+    from ray.util import get_node_ip_address  # the address Ray itself would give a node started here
+
+    try:
+        return host == get_node_ip_address() or host in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
         return False
 
 
@@ -160,11 +185,14 @@ def submit(spec_path: str, overrides: dict[str, Any], address: str | None, wait:
     ship = Path(working_dir).resolve() if working_dir else None
     if ship is not None and not ship.is_dir():
         raise ClusterError(f"--working-dir {working_dir} is not a directory")
-    # A bad spec or a local path the cluster cannot read fails here, before the cluster is contacted.
+    # A bad spec, or a local path that a remote cluster cannot read, fails before the cluster is contacted.
     spec = load_spec(spec_path, overrides)
     address = dashboard_address(address)
-    placed = place_paths(spec.model_dump(mode="json", exclude_unset=True), not _is_this_machine(address), ship)
+    raw = spec.model_dump(mode="json", exclude_unset=True)
+    if not _is_this_machine(address):
+        place_paths(raw, True, ship)
     client = connect(address)
+    placed = place_paths(raw, not _runs_here(address, client), ship)
     stage = _stage(placed, ship)
     try:
         job_id = client.submit_job(

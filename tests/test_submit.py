@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from clipbatch.config import load_spec
-from clipbatch.submit import ClusterError, place_paths
+from clipbatch.submit import ClusterError, _runs_here, connect, place_paths
 from conftest import spec_dict
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -143,6 +143,14 @@ def test_failing_job_status_and_logs(head, tmp_path, tiny_model, images):
     assert unknown.returncode == 2 and "no job 'clipbatch-no-such-job'" in unknown.stderr
     for p in (proc, follow, status, logs, unknown):
         assert token not in p.stdout + p.stderr
+
+
+def test_a_head_started_here_reads_local_paths(head, monkeypatch):
+    """A head on loopback whose nodes all have this machine's address is 'here' (one behind an SSH
+    tunnel or kubectl port-forward on localhost has nodes with other addresses)."""
+    address, token, _ = head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    assert _runs_here(address, connect(address))
 
 
 def test_without_or_with_a_wrong_token_one_line(head, tmp_path, tiny_model, images):
