@@ -53,13 +53,16 @@ class ComputePlan:
     torch_threads: int  # intra-op threads of a CPU actor: the node's cores shared by its actors
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1) -> "ComputePlan":
+    def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1,
+                  can_grow: bool = False) -> "ComputePlan":
+        """can_grow: the job joined a running cluster, whose autoscaler may add the GPU nodes that an
+        explicit gpus_per_actor asks for (a cluster scaled to zero GPU nodes reports none yet)."""
         c = spec.compute
         if c.gpus_per_actor == "auto":
             gpus = 1.0 if cluster_gpus >= 1 and c.device != "cpu" else 0.0
         else:
             gpus = float(c.gpus_per_actor)
-        if gpus > cluster_gpus:
+        if gpus > cluster_gpus and not can_grow:
             raise SpecError(f"compute.gpus_per_actor is {gpus} but the Ray cluster reports {cluster_gpus:g} GPUs")
         if c.device == "cuda" and gpus == 0:
             raise SpecError("compute.device is cuda but no GPU is requested (the Ray cluster reports no GPUs)")
@@ -256,7 +259,11 @@ class Job:
             if dashboard:
                 print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
             cluster = ray_cluster_info()
-            plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]))
+            plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]),
+                                         can_grow=cluster["address"] != "local")
+            if plan.gpus_per_actor > cluster["gpus"]:
+                print(f"clipbatch: the cluster has {cluster['gpus']:g} GPUs now; encoder actors wait for its "
+                      "autoscaler to add GPU nodes", flush=True)
             print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
                   f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
                   f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "

@@ -20,9 +20,9 @@ from clipbatch.pipeline import ComputePlan
 from conftest import spec_dict
 
 
-def plan(tmp_path, cluster_gpus, cpus_per_node=2, **compute):
+def plan(tmp_path, cluster_gpus, cpus_per_node=2, can_grow=False, **compute):
     spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out", compute=compute))
-    return ComputePlan.from_spec(spec, cluster_gpus, cpus_per_node)
+    return ComputePlan.from_spec(spec, cluster_gpus, cpus_per_node, can_grow)
 
 
 def test_defaults_adapt_to_cluster(tmp_path):
@@ -49,6 +49,12 @@ def test_impossible_requests_fail_before_work(tmp_path):
         plan(tmp_path, 0, gpus_per_actor=1)
     with pytest.raises(SpecError, match="device is cuda"):
         plan(tmp_path, 0, device="cuda")
+
+
+def test_a_cluster_scaled_to_zero_gpus_waits_for_its_autoscaler(tmp_path):
+    p = plan(tmp_path, 0, can_grow=True, gpus_per_actor=1, actors=[1, 8])
+    assert (p.device, p.gpus_per_actor, p.min_actors, p.max_actors, p.batch_size) == ("cuda", 1, 1, 8, 256)
+    assert plan(tmp_path, 0, can_grow=True).device == "cpu"  # auto still means the GPUs Ray reports
 
 
 def test_gpu_actor_without_cuda_fails_loudly():
