@@ -170,12 +170,12 @@ def place_paths(raw: dict[str, Any], remote: bool, ship: Path | None) -> dict[st
 
 def _stage(spec: dict[str, Any], ship: Path | None) -> str:
     """A directory to upload as the job's working_dir: the --working-dir files and the spec."""
+    if ship is not None and (ship / SPEC_NAME).exists():
+        raise ClusterError(f"--working-dir {ship} already holds a {SPEC_NAME}; clipbatch writes the job's spec "
+                           "under that name")
     stage = Path(tempfile.mkdtemp(prefix="clipbatch-submit-"))
     if ship is not None:
         shutil.copytree(ship, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-        if (stage / SPEC_NAME).exists():
-            raise ClusterError(f"--working-dir {ship} already holds a {SPEC_NAME}; clipbatch writes the job's "
-                               "spec under that name")
     (stage / SPEC_NAME).write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(stage)
 
@@ -200,13 +200,17 @@ def submit(spec_path: str, overrides: dict[str, Any], address: str | None, wait:
             submission_id=f"clipbatch-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}",
             runtime_env={"working_dir": stage, "py_modules": [str(Path(clipbatch.__file__).parent)]},
             metadata={"clipbatch_job": spec.name, "clipbatch_version": clipbatch.__version__})
+    except RuntimeError as exc:  # the Jobs API refused it, e.g. a runtime_env upload over Ray's size limit
+        raise ClusterError(f"the cluster at {address} did not accept the job: "
+                           f"{redact(str(exc).strip().splitlines()[0])}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if not wait:
         print(job_id)
         return 0
-    print(f"clipbatch: submitted {job_id} to {client.get_address()} (dashboard: {client.get_address()}/#/jobs/{job_id})",
-          file=sys.stderr, flush=True)
+    where = client.get_address()
+    print(f"clipbatch: submitted {job_id} to {where} (dashboard: {where}/#/jobs/{job_id})", file=sys.stderr,
+          flush=True)
     return follow(client, job_id)
 
 

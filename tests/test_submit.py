@@ -196,3 +196,22 @@ def test_local_paths_and_a_remote_cluster(tmp_path, tiny_model):
     assert proc.stderr.strip().splitlines() == [
         "clipbatch: error: input.path 'imgs' is a local path that the remote cluster cannot read; use shared "
         "storage (s3://, gs://, ...) or ship it with --working-dir DIR (small files only)"]
+
+
+def test_tokens_are_masked(tmp_path, monkeypatch):
+    """A token read from a file is masked from then on, like one in the environment; so is any
+    bearer header a library echoes."""
+    from clipbatch.secrets import redact
+    from clipbatch.submit import find_token
+
+    token = "tok-" + secrets.token_hex(8)
+    (tmp_path / "token").write_text(token + "\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert redact(f"failed: {token}") == f"failed: {token}"  # not known yet
+    assert find_token() == (token, str(tmp_path / "token"))
+    assert redact(f"failed: {token}") == "failed: ***"
+    assert redact("{'Authorization': 'Bearer abc.def-123'}") == "{'Authorization': 'Bearer ***'}"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ClusterError, match="RAY_AUTH_TOKEN_PATH is .*missing, which is not a file"):
+        find_token()
