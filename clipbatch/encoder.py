@@ -15,9 +15,9 @@ import pyarrow as pa
 import torch
 
 from clipbatch.decode import FAILED_SIZE, NO_ERROR
-from clipbatch.labels import class_probabilities, top_k
+from clipbatch.labels import label_columns
 from clipbatch.models import comparable_preprocess, load_model
-from clipbatch.schema import fixed_size_lists, output_schema, variable_lists
+from clipbatch.schema import fixed_size_lists, output_schema
 
 
 class ClipEncoder:
@@ -35,16 +35,11 @@ class ClipEncoder:
             raise RuntimeError(f"images were prepared for {expected_preprocess} but the loaded model expects "
                                f"{actual}; please report this with the model name")
         self.device = self.loaded.device
-        self.classes = np.asarray(classes, dtype=object)
+        self.classes = pa.array(classes, pa.string())
         self.top_k = top_k
         self.embedding_dtype = embedding_dtype
         self.carried = list(carried)
         self.use_text_head(text_head, logit_scale, logit_bias)
-        cfg = self.loaded.preprocess_cfg
-        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
-        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.loaded.precision,
-                                                                                torch.float32)
         name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
         print(f"clipbatch encoder on {platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
               f"precision {self.loaded.precision}, batch size {batch_size}, torch threads "
@@ -57,48 +52,43 @@ class ClipEncoder:
         self.schema = output_schema(len(self.classes), self.text_head.shape[1], self.embedding_dtype,
                                     carried=self.carried)
 
-    def embed(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D] on the device."""
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = ((x - self.mean) / self.std).to(self.input_dtype)
-        with torch.inference_mode():
-            # Normalized in float32, so that fp16/bf16 embeddings still have unit norm.
-            return torch.nn.functional.normalize(self.loaded.model.encode_image(x).float(), dim=-1)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"].astype(str)
         valid = errors == NO_ERROR
-        n, num_classes = len(errors), len(self.classes)
-        dim = self.text_head.shape[1]
-        embeddings = np.zeros((n, dim), dtype=np.float32)
-        probs = np.zeros((n, num_classes), dtype=np.float32)
-        k = min(self.top_k, num_classes)
-        top_values = np.zeros((n, k), dtype=np.float32)
-        top_indices = np.zeros((n, k), dtype=np.int64)
+        n, dim = len(errors), self.text_head.shape[1]
+        embeddings = torch.zeros((0, dim), device=self.device)
         if valid.any():
-            emb = self.embed(np.ascontiguousarray(batch["pixels"][valid]))
-            p = class_probabilities(emb @ self.text_head.T, self.logit_scale, self.logit_bias)
-            top_values[valid], top_indices[valid] = top_k(p, k)
-            embeddings[valid] = emb.cpu().numpy()
-            probs[valid] = p.cpu().numpy()
+            embeddings = embed_images(self.loaded, np.ascontiguousarray(batch["pixels"][valid]))
         no_size = ~valid | (batch["width"] == FAILED_SIZE)
         columns = {
             "id": pa.array(batch["id"].astype(str), pa.string()),
             "source": pa.array(batch["source"].astype(str), pa.string()),
             "width": pa.array(batch["width"], pa.int32(), mask=no_size),
             "height": pa.array(batch["height"], pa.int32(), mask=no_size),
-            "label": pa.array(self.classes[top_indices[:, 0]], pa.string(), mask=~valid),
-            "score": pa.array(top_values[:, 0], pa.float32(), mask=~valid),
-            "top_labels": variable_lists(self.classes[top_indices], valid, pa.string()),
-            "top_scores": variable_lists(top_values, valid, pa.float32()),
-            "scores": fixed_size_lists(probs, valid, pa.float32()),
+            **label_columns(embeddings, valid, self.text_head, self.classes, self.logit_scale, self.logit_bias,
+                            self.top_k),
         }
         if self.embedding_dtype:
-            columns["embedding"] = fixed_size_lists(embeddings.astype(self.embedding_dtype), valid,
-                                                    self.schema.field("embedding").type.value_type)
+            stored = np.zeros((n, dim), dtype=self.embedding_dtype)
+            stored[valid] = embeddings.cpu().numpy()
+            columns["embedding"] = fixed_size_lists(stored, valid, self.schema.field("embedding").type.value_type)
         columns["error"] = pa.array(errors, pa.string(), mask=valid)
         for name in self.carried:
             # A column that is missing everywhere comes back from Ray's Arrow/numpy round trip as NaNs.
             columns[name] = pa.array([None if v is None or v != v else str(v) for v in batch[name]], pa.string())
         return pa.Table.from_pydict(columns, schema=self.schema)
+
+
+def embed_images(loaded, pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D]: the model's mean/std
+    normalization and precision applied on its device (the decode workers never load torch)."""
+    cfg = loaded.preprocess_cfg
+    mean = torch.tensor(cfg["mean"], device=loaded.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=loaded.device).view(1, 3, 1, 1)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(loaded.precision, torch.float32)
+    x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    x = ((x - mean) / std).to(dtype)
+    with torch.inference_mode():
+        # Normalized in float32, so that fp16/bf16 embeddings still have unit norm.
+        return torch.nn.functional.normalize(loaded.model.encode_image(x).float(), dim=-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import torch
 
 from clipbatch.config import LabelsSpec, SpecError
@@ -76,6 +77,32 @@ def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: fl
     return torch.softmax(logits, dim=-1)
 
 
-def top_k(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return values.cpu().numpy(), indices.cpu().numpy()
+def label_columns(embeddings: torch.Tensor, valid: np.ndarray, text_head: torch.Tensor, classes: pa.Array,
+                  logit_scale: float, logit_bias: float | None, k: int) -> dict[str, pa.Array]:
+    """The output's label, score, top_labels, top_scores and scores columns for n rows.
+
+    embeddings [n_valid, D] are the L2-normalized float32 embeddings of the rows where valid is
+    True; the other rows get nulls. A job's encoders and ``clipbatch relabel`` both score here,
+    so the two give the same numbers for the same embeddings.
+    """
+    from clipbatch.schema import fixed_size_lists
+
+    n, num_classes = len(valid), len(classes)
+    k = min(k, num_classes)
+    probs = np.zeros((n, num_classes), dtype=np.float32)
+    top_values = np.zeros((n, k), dtype=np.float32)
+    top_indices = np.zeros((n, k), dtype=np.int64)
+    if valid.any():
+        p = class_probabilities(embeddings @ text_head.T, logit_scale, logit_bias)
+        values, indices = p.topk(k, dim=-1)
+        top_values[valid], top_indices[valid] = values.cpu().numpy(), indices.cpu().numpy()
+        probs[valid] = p.cpu().numpy()
+    invalid = pa.array(~valid)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
+    return {
+        "label": classes.take(pa.array(top_indices[:, 0], mask=~valid)),
+        "score": pa.array(top_values[:, 0], pa.float32(), mask=~valid),
+        "top_labels": pa.ListArray.from_arrays(offsets, classes.take(top_indices.reshape(-1)), mask=invalid),
+        "top_scores": pa.ListArray.from_arrays(offsets, pa.array(top_values.reshape(-1)), mask=invalid),
+        "scores": fixed_size_lists(probs, valid, pa.float32()),
+    }

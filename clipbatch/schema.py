@@ -44,12 +44,3 @@ def fixed_size_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataT
     """[N, K] numpy (rows for invalid entries may be anything) -> fixed_size_list<K>, null where not valid."""
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
-
-
-def variable_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """[N, K] numpy -> list<K> per valid row, null elsewhere."""
-    rows = values[valid]
-    lengths = np.where(valid, values.shape[1], 0)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1), type=value_type),
-                                    mask=pa.array(~valid))
