@@ -78,11 +78,12 @@ def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: fl
 
 
 def label_columns(embeddings: torch.Tensor, valid: np.ndarray, text_head: torch.Tensor, classes: pa.Array,
-                  logit_scale: float, logit_bias: float | None, k: int) -> dict[str, pa.Array]:
+                  logit_scale: float, logit_bias: float | None, k: int,
+                  min_score: float | None = None) -> dict[str, pa.Array]:
     """The output's label, score, top_labels, top_scores and scores columns for n rows.
 
     embeddings [n_valid, D] are the L2-normalized float32 embeddings of the rows where valid is
-    True; the other rows get nulls. A job's encoders and ``clipbatch relabel`` both score here,
+    True; the other rows get nulls. Below min_score the label is null while the scores stay. A job's encoders and ``clipbatch relabel`` both score here,
     so the two give the same numbers for the same embeddings.
     """
     from clipbatch.schema import fixed_size_lists
@@ -100,7 +101,7 @@ def label_columns(embeddings: torch.Tensor, valid: np.ndarray, text_head: torch.
     invalid = pa.array(~valid)
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
     return {
-        "label": classes.take(pa.array(top_indices[:, 0], mask=~valid)),
+        "label": classes.take(pa.array(top_indices[:, 0], mask=~valid | (top_values[:, 0] < (min_score or 0.0)))),
         "score": pa.array(top_values[:, 0], pa.float32(), mask=~valid),
         "top_labels": pa.ListArray.from_arrays(offsets, classes.take(top_indices.reshape(-1)), mask=invalid),
         "top_scores": pa.ListArray.from_arrays(offsets, pa.array(top_values.reshape(-1)), mask=invalid),

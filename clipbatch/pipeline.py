@@ -24,7 +24,7 @@ from clipbatch.config import JobSpec, SpecError, load_spec
 from clipbatch.encoder import ClipEncoder
 from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
 from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
-from clipbatch.progress import ProgressCounter, ProgressReporter
+from clipbatch.progress import ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
 from clipbatch.shards import carried_name
@@ -108,6 +108,21 @@ def _prepare_text_head(model_name, pretrained, device, precision, classes, templ
     prepared = {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
                 "metadata": metadata, "seconds": time.time()}
     return prepared, output_schema(len(classes), head.shape[1], embedding_dtype, metadata, carried)
+
+
+class ProgressCounter:
+    """Rows done so far, added to by every encoder actor (a Ray actor with no CPU of its own)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+
+    def add(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+
+    def read(self) -> tuple[int, int]:
+        return self.rows, self.errors
 
 
 class _CountingEncoder(ClipEncoder):
@@ -257,8 +272,8 @@ class Job:
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
                                     self.spec.output.rows_per_part)
         if todo.num_rows:
-            counter = ProgressCounter.remote()
-            with ProgressReporter(counter, todo.num_rows):
+            counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+            with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
                 dataset = self._dataset(todo, plan, prepared, embedding_dtype, counter)
                 dataset.write_datasink(sink)
             if os.environ.get("CLIPBATCH_RAY_STATS"):
