@@ -26,7 +26,8 @@ from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
 from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
 from clipbatch.progress import ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
-from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
+from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir
+from clipbatch.sinks import ParquetPartsDatasink
 from clipbatch.shards import carried_name
 from clipbatch.sources import input_format, list_images
 
@@ -348,6 +349,9 @@ class Job:
                     "counts": {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows,
                                **({} if self.format == "images" else {"shards": self.listing.num_rows})},
                     "format": self.format,
+                    **({"input_columns": {"image_column": self.spec.input.image_column,
+                                          "id_column": self.spec.input.id_column}}
+                       if self.format == "parquet" else {}),
                     "timings": timings, "parts": [p.rsplit("/", 1)[-1] for p in parts],
                     "fingerprint": self.fingerprint, "complete": complete,
                     "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

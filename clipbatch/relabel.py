@@ -32,7 +32,7 @@ from clipbatch.config import LabelsSpec, SpecError
 from clipbatch.labels import build_text_head, label_columns, resolve_classes, resolve_templates
 from clipbatch.progress import ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
-from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, write_part
+from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, write_part
 from clipbatch.stored import StoredOutput, embeddings_of
 
 RELABEL_THREADS = 2  # Parquet decode/encode and the matrix products release the GIL

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from clipbatch.config import SpecError
 from clipbatch.schema import read_metadata
 from clipbatch.secrets import redact
-from clipbatch.sinks import SUCCESS, OutputDir
+from clipbatch.outputs import SUCCESS, OutputDir
 
 # Columns every output has before the embedding; anything after `error` was carried from the input.
 _CONTRACT_COLUMNS = ("id", "source", "width", "height", "label", "score", "top_labels", "top_scores", "scores",
