@@ -50,7 +50,9 @@ def image_query(loaded, uri: str, preprocess_cfg: dict, storage_options: dict | 
 def _connect(stored: StoredOutput, threads: int | None):
     import duckdb
 
+    # No progress bar: it would go to stdout, into --json output.
     con = duckdb.connect(config={"memory_limit": SEARCH_MEMORY_LIMIT})
+    con.execute("SET enable_progress_bar = false")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     if not stored.dir.is_local:
