@@ -34,14 +34,17 @@ def _tar_members(source: str, ids: set[str], storage_options: dict) -> dict[str,
     from clipbatch.sources import IMAGE_EXTENSIONS
 
     found = {}
-    with fsspec.open(source, "rb", **storage_options) as f:
-        for key, sample in _webdataset_samples(f):
-            row_id = next((i for i in ids if i == key or i.endswith("/" + key)), None)
-            image_ext = next((e for e in sample if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
-            if row_id and image_ext:
-                found[row_id] = sample[image_ext]
-                if len(found) == len(ids):
-                    break
+    try:
+        with fsspec.open(source, "rb", **storage_options) as f:
+            for key, sample in _webdataset_samples(f):
+                row_id = next((i for i in ids if i == key or i.endswith("/" + key)), None)
+                image_ext = next((e for e in sample if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
+                if row_id and image_ext:
+                    found[row_id] = sample[image_ext]
+                    if len(found) == len(ids):
+                        break
+    except Exception:  # a damaged shard: what was read before the damage still counts
+        pass
     return found
 
 

@@ -90,6 +90,18 @@ def test_relabel_equals_direct_computation_and_keeps_the_rest(fp32_output, tiny_
     assert cli_main(["relabel", str(fp32_output), *sum((["--class", c] for c in NEW_CLASSES), []),
                      *sum((["--template", t] for t in NEW_TEMPLATES), []), "--out", str(out)]) == 0  # no-op
 
+    # A relabel killed part-way: no _SUCCESS, a part missing. The rerun redoes only that part.
+    (out / "_SUCCESS").unlink()
+    lost = sorted(out.glob("part-*.parquet"))[0]
+    lost.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    Relabel(str(fp32_output), str(out), classes=NEW_CLASSES, templates=NEW_TEMPLATES).run()
+    assert (out / "_SUCCESS").exists() and lost.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p != lost} == kept
+    assert read_sorted(out).equals(after)
+    with pytest.raises(SpecError, match="already holds other results"):
+        Relabel(str(fp32_output), str(out), classes=["x", "y"]).run()
+
 
 def test_relabel_equals_a_rerun_with_the_new_classes(broken_images, fp32_output, tiny_model, tmp_path, ray_local):
     relabeled = tmp_path / "relabeled"
