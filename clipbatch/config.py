@@ -79,7 +79,12 @@ class LabelsSpec(_Strict):
     classes: list[str] | None = None
     classes_file: str | None = None
     templates: Union[str, list[str]] = "openai"
+    templates_file: str | None = None
+    prompts_file: str | None = None
     top_k: int = Field(5, ge=1)
+    min_score: float | None = Field(None, ge=0, le=1)
+    unknown: str | None = None
+    temperature: float = Field(1.0, gt=0)
 
     @field_validator("classes")
     @classmethod
@@ -98,10 +103,6 @@ class LabelsSpec(_Strict):
     @classmethod
     def _templates_valid(cls, v):
         if isinstance(v, str):
-            from clipbatch.labels import template_set_names
-            if v not in template_set_names():
-                raise ValueError(f"unknown template set '{v}'; built-in sets: {', '.join(template_set_names())}"
-                                 " (or give a list of strings containing {})")
             return v
         if not v:
             raise ValueError("is empty")
@@ -114,6 +115,14 @@ class LabelsSpec(_Strict):
     def _one_class_source(self):
         if (self.classes is None) == (self.classes_file is None):
             raise ValueError("give exactly one of labels.classes or labels.classes_file")
+        if isinstance(self.templates, str) and self.templates_file is None:
+            from clipbatch.templates import template_set_names
+            if self.templates not in template_set_names():
+                raise ValueError(f"unknown template set '{self.templates}' in labels.templates; built-in sets: "
+                                 f"{', '.join(template_set_names())} (or give a list of strings containing {{}}, "
+                                 "or a labels.templates_file)")
+        if self.unknown is not None and self.min_score is None:
+            raise ValueError("unknown names the label of images below labels.min_score; set min_score too")
         return self
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from clipbatch.decode import FAILED_SIZE, NO_ERROR
-from clipbatch.labels import class_probabilities, top_k
+from clipbatch.labels import class_probabilities, confident_labels, top_k
 from clipbatch.models import comparable_preprocess, load_model
 from clipbatch.schema import fixed_size_lists, output_schema, variable_lists
 
@@ -26,7 +26,8 @@ class ClipEncoder:
     def __init__(self, model_name: str, pretrained: str | None, device: str, precision: str,
                  text_head: np.ndarray, classes: list[str], logit_scale: float, logit_bias: float | None,
                  top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
-                 expected_preprocess: dict | None = None, carried: list[str] = ()):
+                 expected_preprocess: dict | None = None, carried: list[str] = (), temperature: float = 1.0,
+                 min_score: float | None = None, unknown: str | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.loaded = load_model(model_name, pretrained, device=device, precision=precision)
@@ -39,6 +40,7 @@ class ClipEncoder:
         self.top_k = top_k
         self.embedding_dtype = embedding_dtype
         self.carried = list(carried)
+        self.temperature, self.min_score, self.unknown = temperature, min_score, unknown
         self.use_text_head(text_head, logit_scale, logit_bias)
         cfg = self.loaded.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
@@ -78,17 +80,19 @@ class ClipEncoder:
         top_indices = np.zeros((n, k), dtype=np.int64)
         if valid.any():
             emb = self.embed(np.ascontiguousarray(batch["pixels"][valid]))
-            p = class_probabilities(emb @ self.text_head.T, self.logit_scale, self.logit_bias)
+            p = class_probabilities(emb @ self.text_head.T, self.logit_scale, self.logit_bias, self.temperature)
             top_values[valid], top_indices[valid] = top_k(p, k)
             embeddings[valid] = emb.cpu().numpy()
             probs[valid] = p.cpu().numpy()
         no_size = ~valid | (batch["width"] == FAILED_SIZE)
+        labels = confident_labels(self.classes, top_indices[:, 0], top_values[:, 0], self.min_score,
+                                             self.unknown)
         columns = {
             "id": pa.array(batch["id"].astype(str), pa.string()),
             "source": pa.array(batch["source"].astype(str), pa.string()),
             "width": pa.array(batch["width"], pa.int32(), mask=no_size),
             "height": pa.array(batch["height"], pa.int32(), mask=no_size),
-            "label": pa.array(self.classes[top_indices[:, 0]], pa.string(), mask=~valid),
+            "label": pa.array(labels, pa.string(), mask=~valid),
             "score": pa.array(top_values[:, 0], pa.float32(), mask=~valid),
             "top_labels": variable_lists(self.classes[top_indices], valid, pa.string()),
             "top_scores": variable_lists(top_values, valid, pa.float32()),

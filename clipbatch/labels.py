@@ -1,81 +1,67 @@
-"""Classes and prompt templates -> the zero-shot head (one text embedding per class).
+"""Prompts -> the zero-shot head (one text embedding per class), and head x image embeddings -> scores.
 
-A class's embedding is the normalized mean of its normalized template
-embeddings (CLIP's prompt ensemble), computed by open_clip's own
-``build_zero_shot_classifier`` once per job.
+A class's embedding is the normalized mean of its normalized prompt embeddings
+(CLIP's prompt ensemble; with a single template per class this is exactly
+open_clip's ``build_zero_shot_classifier``). Which sentences a class gets is
+decided in templates.py.
 """
 
 from __future__ import annotations
 
-import fsspec
 import numpy as np
 import torch
 
-from clipbatch.config import LabelsSpec, SpecError
+TEXT_BATCH = 1024  # prompts per encode_text call: CuPL-style files can hold 50k sentences
 
 
-def _builtin_template_sets() -> dict[str, list[str]]:
-    from open_clip import zero_shot_metadata as meta
-
-    def as_strings(templates) -> list[str]:
-        return [t("{}") for t in templates]
-
-    return {
-        "openai": as_strings(meta.OPENAI_IMAGENET_TEMPLATES),
-        "simple": ["a photo of a {}."],
-        "simple-imagenet": as_strings(meta.SIMPLE_IMAGENET_TEMPLATES),
-    }
-
-
-def template_set_names() -> list[str]:
-    return list(_builtin_template_sets())
-
-
-def resolve_templates(templates: str | list[str]) -> list[str]:
-    if isinstance(templates, str):
-        return _builtin_template_sets()[templates]
-    return list(templates)
-
-
-def resolve_classes(labels: LabelsSpec, storage_options: dict | None = None) -> list[str]:
-    """The class list, from the spec or from a one-class-per-line file (any fsspec URL)."""
-    if labels.classes is not None:
-        return list(labels.classes)
-    try:
-        with fsspec.open(labels.classes_file, "r", encoding="utf-8", **(storage_options or {})) as f:
-            classes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    except FileNotFoundError:
-        raise SpecError(f"labels.classes_file: {labels.classes_file} not found") from None
-    if not classes:
-        raise SpecError(f"labels.classes_file: {labels.classes_file} holds no classes")
-    if len(set(classes)) != len(classes):
-        raise SpecError(f"labels.classes_file: {labels.classes_file} has duplicate classes")
-    return classes
-
-
-def build_text_head(loaded, classes: list[str], templates: list[str]) -> np.ndarray:
-    """[C, D] float32, L2-normalized rows, in class order."""
-    from open_clip import build_zero_shot_classifier
-
+def build_text_head(loaded, prompts: list[list[str]]) -> np.ndarray:
+    """[C, D] float32, L2-normalized rows, in class order; prompts[c] are class c's sentences."""
+    flat = [s for sentences in prompts for s in sentences]
+    chunks = []
     with torch.inference_mode():
-        weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classes, templates,
-                                             num_classes_per_batch=max(1, 4096 // len(templates)),
-                                             device=loaded.device)
-    return weights.T.float().cpu().numpy()
+        for start in range(0, len(flat), TEXT_BATCH):
+            tokens = loaded.tokenizer(flat[start:start + TEXT_BATCH]).to(loaded.device)
+            chunks.append(torch.nn.functional.normalize(loaded.model.encode_text(tokens).float(), dim=-1))
+    embedded = torch.cat(chunks)
+    bounds = np.cumsum([0] + [len(s) for s in prompts])
+    head = torch.stack([embedded[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+    return torch.nn.functional.normalize(head, dim=-1).cpu().numpy()
 
 
-def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: float | None) -> torch.Tensor:
+def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: float | None,
+                        temperature: float = 1.0) -> torch.Tensor:
     """The model's own zero-shot probabilities from cosine similarities [B, C].
 
     CLIP: softmax over classes of logit_scale * cos. SigLIP-style models (with a
-    logit_bias) score each class independently: sigmoid(scale * cos + bias).
+    logit_bias) score each class independently: sigmoid(scale * cos + bias). A
+    temperature (labels.temperature, fitted by ``clipbatch eval --calibrate``)
+    divides the logits; 1.0 leaves the model's own probabilities.
     """
     logits = logit_scale * cosine.float()
     if logit_bias is not None:
-        return torch.sigmoid(logits + logit_bias)
-    return torch.softmax(logits, dim=-1)
+        return torch.sigmoid((logits + logit_bias) / temperature)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def scores_from_embeddings(embeddings: np.ndarray, head: np.ndarray, logit_scale: float,
+                           logit_bias: float | None, temperature: float = 1.0) -> np.ndarray:
+    """[N, C] probabilities from stored (L2-normalized) embeddings and a text head, without
+    touching an image: what eval's template comparison does for every template set."""
+    cosine = torch.from_numpy(np.asarray(embeddings, np.float32)) @ torch.from_numpy(
+        np.asarray(head, np.float32)).T
+    return class_probabilities(cosine, logit_scale, logit_bias, temperature).numpy()
 
 
 def top_k(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return values.cpu().numpy(), indices.cpu().numpy()
+
+
+def confident_labels(classes: np.ndarray, top1: np.ndarray, score: np.ndarray, min_score: float | None,
+                     unknown: str | None) -> np.ndarray:
+    """The top-1 class, or ``unknown`` (None: a null label) where its score is below
+    labels.min_score. Only the label changes; the scores stay the model's."""
+    labels = classes[top1].astype(object)
+    if min_score is not None:
+        labels[score < min_score] = unknown
+    return labels

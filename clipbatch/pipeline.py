@@ -22,13 +22,14 @@ import pyarrow.compute as pc
 from clipbatch import __version__
 from clipbatch.config import JobSpec, SpecError, load_spec
 from clipbatch.encoder import ClipEncoder
-from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
+from clipbatch.labels import build_text_head
 from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
 from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
-from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
+from clipbatch.sinks import MANIFEST, SUCCESS, TEXT_HEAD, OutputDir, ParquetPartsDatasink
 from clipbatch.shards import carried_name
 from clipbatch.sources import input_format, list_images
+from clipbatch.templates import ClassPrompts, resolve_prompts
 
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
@@ -87,27 +88,33 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def fingerprint(spec: JobSpec, classes: list[str], templates: list[str]) -> dict:
+def fingerprint(spec: JobSpec, prompts: ClassPrompts) -> dict:
     """What decides the results: a resume must not mix outputs that differ in any of it."""
+    labels = spec.labels
     return {"model": spec.model.name, "pretrained": spec.model.pretrained, "precision": spec.model.precision,
-            "classes": classes, "templates": templates,
+            "classes": prompts.names, "templates": prompts.templates, "prompts": prompts.digest(),
+            "temperature": labels.temperature, "min_score": labels.min_score, "unknown": labels.unknown,
             "embedding_dtype": spec.output.embedding_dtype if spec.output.embeddings else None}
 
 
-def _prepare_text_head(model_name, pretrained, device, precision, classes, templates, metadata,
-                       embedding_dtype, carried) -> tuple[dict, pa.Schema]:
-    """Runs once per job, as a Ray task placed like an encoder actor, while the pipeline starts.
-
-    Returns the text head for the encoders and the output schema (with the model's logit scale
-    and bias in its metadata) for the sink.
-    """
-    loaded = load_model(model_name, pretrained, device=device, precision=precision)
-    head = build_text_head(loaded, classes, templates)
-    metadata = {**metadata, "precision": loaded.precision, "logit_scale": loaded.logit_scale,
-                "logit_bias": loaded.logit_bias, "embedding_dim": int(head.shape[1])}
-    prepared = {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
+def _prepared(head, logit_scale: float, logit_bias: float | None, precision: str, metadata: dict,
+              embedding_dtype, carried) -> tuple[dict, pa.Schema]:
+    """The text head for the encoders and the output schema (with the model's logit scale and
+    bias in its metadata) for the sink."""
+    metadata = {**metadata, "precision": precision, "logit_scale": logit_scale, "logit_bias": logit_bias,
+                "embedding_dim": int(head.shape[1])}
+    prepared = {"text_head": head, "logit_scale": logit_scale, "logit_bias": logit_bias,
                 "metadata": metadata, "seconds": time.time()}
-    return prepared, output_schema(len(classes), head.shape[1], embedding_dtype, metadata, carried)
+    return prepared, output_schema(head.shape[0], head.shape[1], embedding_dtype, metadata, carried)
+
+
+def _prepare_text_head(model_name, pretrained, device, precision, prompts, metadata,
+                       embedding_dtype, carried) -> tuple[dict, pa.Schema]:
+    """Runs once per job, as a Ray task placed like an encoder actor, while the pipeline starts."""
+    loaded = load_model(model_name, pretrained, device=device, precision=precision)
+    head = build_text_head(loaded, prompts)
+    return _prepared(head, loaded.logit_scale, loaded.logit_bias, loaded.precision, metadata, embedding_dtype,
+                     carried)
 
 
 class _CountingEncoder(ClipEncoder):
@@ -146,13 +153,13 @@ class Job:
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         self.preprocess_cfg = preprocess_config(spec.model.name, spec.model.pretrained)
-        self.classes = resolve_classes(spec.labels, spec.input.storage_options)
-        self.templates = resolve_templates(spec.labels.templates)
+        self.prompts = resolve_prompts(spec.labels, spec.input.storage_options)
+        self.classes, self.templates = self.prompts.names, self.prompts.templates
         self.format = input_format(spec.input)
         self.carried = [carried_name(k) for k in spec.input.keep]  # output columns of input.keep
         self.listing = list_images(spec.input)
         self.out = OutputDir(spec.output.path, spec.output.storage_options)
-        self.fingerprint = fingerprint(spec, self.classes, self.templates)
+        self.fingerprint = fingerprint(spec, self.prompts)
         self.listing_seconds = time.time() - started
 
     def describe(self, sample: int = 5) -> str:
@@ -166,9 +173,9 @@ class Job:
                  *(["           ..."] if n > sample else []),
                  f"classes    {len(self.classes)}: {', '.join(self.classes[:10])}"
                  f"{' ...' if len(self.classes) > 10 else ''}",
-                 f"templates  {len(self.templates)}"
-                 f"{' (' + s.labels.templates + ')' if isinstance(s.labels.templates, str) else ''}: "
-                 f"{self.templates[0]!r}{' ...' if len(self.templates) > 1 else ''}",
+                 f"templates  {len(self.templates)} ({self.prompts.templates_name}): "
+                 f"{self.templates[0]!r}{' ...' if len(self.templates) > 1 else ''}"
+                 f"{f'; own prompts for {len(self.prompts.custom)} classes' if self.prompts.custom else ''}",
                  f"model      {s.model.name}"
                  f"{' pretrained=' + s.model.pretrained if s.model.pretrained else ''}, precision "
                  f"{s.model.precision}",
@@ -228,17 +235,19 @@ class Job:
         embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None
         metadata = {"clipbatch_version": __version__, "model": self.spec.model.name,
                     "pretrained": self.spec.model.pretrained, "classes": self.classes,
-                    "templates": self.templates, "preprocess_cfg": self.preprocess_cfg,
-                    "fingerprint": self.fingerprint}
+                    "templates": self.templates, "templates_name": self.prompts.templates_name,
+                    "custom_prompts": self.prompts.custom, "temperature": self.spec.labels.temperature,
+                    "min_score": self.spec.labels.min_score, "unknown": self.spec.labels.unknown,
+                    "preprocess_cfg": self.preprocess_cfg, "fingerprint": self.fingerprint}
 
         def head_args(device: str) -> tuple:
             return (resolve_model_name(self.spec.model.name), self.spec.model.pretrained, device,
-                    self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype,
-                    self.carried)
+                    self.spec.model.precision, self.prompts.prompts, metadata, embedding_dtype, self.carried)
 
         # A local run without GPUs builds the text head right here while Ray starts, instead of in
         # one more worker process competing for the same few cores with the encoder's start-up.
-        in_driver = self._local_cpu_only()
+        stored = self._stored_text_head(metadata, embedding_dtype)
+        in_driver = stored is None and self._local_cpu_only()
         with ThreadPoolExecutor(max_workers=1) as pool:
             head_here = pool.submit(_prepare_text_head, *head_args("cpu")) if in_driver else None
             init_ray()
@@ -248,8 +257,8 @@ class Job:
                   f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
                   f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
                   f"batch {plan.batch_size}", flush=True)
-            if head_here is not None:
-                prepared, schema = (ray.put(part) for part in head_here.result())
+            if stored is not None or head_here is not None:
+                prepared, schema = (ray.put(part) for part in (stored or head_here.result()))
             else:
                 prepared, schema = ray.remote(_prepare_text_head).options(
                     num_cpus=0.5, num_gpus=plan.gpus_per_actor, num_returns=2).remote(*head_args(plan.device))
@@ -264,9 +273,21 @@ class Job:
             if os.environ.get("CLIPBATCH_RAY_STATS"):
                 print(dataset.stats(), flush=True)
         head = ray.get(prepared)
-        return self._finish(sink, head["metadata"], plan, started, {
+        return self._finish(sink, head, plan, started, {
             "listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
             "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)})
+
+    def _stored_text_head(self, metadata: dict, embedding_dtype) -> tuple[dict, pa.Schema] | None:
+        """The head an earlier run of this same job saved (_text_head.npy), so that a resume does not
+        build it again; None when there is none or it was made for anything else."""
+        manifest = self.out.read_manifest() if self.out.exists(TEXT_HEAD) else None
+        if not manifest or manifest.get("fingerprint") != self.fingerprint:
+            return None
+        head = self.out.read_head()
+        if head.shape[0] != len(self.classes):
+            return None
+        return _prepared(head, manifest["logit_scale"], manifest["logit_bias"], manifest["precision"], metadata,
+                         embedding_dtype, self.carried)
 
     def _local_cpu_only(self) -> bool:
         """True when this run will start its own Ray on a machine without CUDA (a laptop, CI)."""
@@ -307,10 +328,13 @@ class Job:
                                  "precision": self.spec.model.precision, "classes": self.classes,
                                  "top_k": self.spec.labels.top_k, "embedding_dtype": embedding_dtype,
                                  "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
-                                 "expected_preprocess": self.preprocess_cfg, "carried": self.carried}))
+                                 "expected_preprocess": self.preprocess_cfg, "carried": self.carried,
+                                 "temperature": self.spec.labels.temperature,
+                                 "min_score": self.spec.labels.min_score, "unknown": self.spec.labels.unknown}))
 
-    def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
+    def _finish(self, sink: ParquetPartsDatasink, head: dict, plan: ComputePlan, started: float,
                 timings: dict) -> RunSummary:
+        metadata = head["metadata"]
         parts = self.out.parts()
         written = self.out.written_rows()
         ids = written["id"].combine_chunks()
@@ -336,6 +360,7 @@ class Job:
                     "timings": timings, "parts": [p.rsplit("/", 1)[-1] for p in parts],
                     "fingerprint": self.fingerprint, "complete": complete,
                     "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.out.write_head(head["text_head"])
         self.out.write_text(MANIFEST, json.dumps(manifest, indent=2))
         if complete:
             self.out.write_text(SUCCESS, "")

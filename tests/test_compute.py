@@ -64,7 +64,7 @@ def test_gpu_actor_without_cuda_fails_loudly():
 def test_encoder_precisions_on_cpu(tiny_model, images, precision, min_cosine):
     loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
     classes = ["cat", "dog", "car"]
-    head = build_text_head(loaded, classes, ["a photo of a {}."])
+    head = build_text_head(loaded, [[f"a photo of a {c}."] for c in classes])
     sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
     batch = read_and_decode({"id": sources, "source": sources}, json.dumps(loaded.preprocess_cfg), {})
 
