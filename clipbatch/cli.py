@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_validate)
     from clipbatch.demo.command import add_demo_parser
     add_demo_parser(sub)
+    from clipbatch.evaluate import add_eval_parser
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

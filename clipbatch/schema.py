@@ -53,3 +53,10 @@ def variable_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataTyp
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1), type=value_type),
                                     mask=pa.array(~valid))
+
+
+def matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """fixed_size_list<K> without nulls (scores, embedding of valid rows) -> [N, K] numpy."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = array.type.list_size
+    return np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
