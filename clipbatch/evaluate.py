@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from clipbatch.config import LabelsSpec, SpecError
 from clipbatch.metrics import (calibration_bins, classification_report, expected_calibration_error,
-                               fit_temperature, negative_log_likelihood, probabilities)
+                               fit_temperature, negative_log_likelihood)
 from clipbatch.schema import matrix
 from clipbatch.sinks import SUCCESS
 from clipbatch.templates import resolve_prompts, template_set_names
@@ -91,58 +91,70 @@ def _labels_with_templates(labels: LabelsSpec, name: str) -> LabelsSpec:
     return LabelsSpec(**kept, templates_file=path, **({"templates": chosen} if chosen else {}))
 
 
-def _job_logits(scores: np.ndarray, embeddings: np.ndarray | None, head: np.ndarray, manifest: dict) -> tuple:
-    """The logits behind the stored scores (at the job's temperature) and where they came from.
+def job_members(manifest: dict) -> list[dict]:
+    """Each model of the job with what rescoring needs (model, pretrained, precision, logit scale
+    and bias, weight, embedding column): an ensemble's list, or the one model as a member."""
+    if "ensemble" in manifest:
+        return manifest["ensemble"]
+    return [{**{k: manifest.get(k) for k in ("model", "pretrained", "precision", "logit_scale", "logit_bias")},
+             "weight": 1.0, "embedding_column": "embedding"}]
 
-    From stored embeddings x the saved head when there are embeddings (exact up to fp16 storage);
-    otherwise recovered from the probabilities, where a probability that underflowed to 0 in
-    float32 is clipped to 1e-30.
+
+def calibrate(scores: np.ndarray, embeddings: dict | None, heads: dict | None, truth: np.ndarray,
+              manifest: dict) -> dict:
+    """One temperature, fitted by NLL on the labeled rows, for labels.temperature.
+
+    The logits come from the stored embeddings x saved heads (exact up to fp16 storage; for an
+    ensemble the temperature divides every model's logits before their probabilities are mixed,
+    as labels.temperature does). Without embeddings they are recovered from the stored
+    probabilities (T0 * log p, with p clipped at 1e-30), which is exact for one model.
     """
-    sigmoid = manifest.get("logit_bias") is not None
-    temperature = manifest.get("temperature", 1.0)
+    from clipbatch.labels import member_logits, scores_from_logits  # torch: only for the commands that need it
+
+    members, t0 = job_members(manifest), manifest.get("temperature", 1.0)
     if embeddings is not None:
-        raw = manifest["logit_scale"] * embeddings.astype(np.float64) @ head.T.astype(np.float64)
-        return (raw + (manifest["logit_bias"] or 0.0)) / temperature, "embeddings"
-    p = np.clip(scores.astype(np.float64), 1e-30, 1 - 1e-7)
-    return (np.log(p / (1 - p)) if sigmoid else np.log(p)), "scores"
+        logits, source = member_logits(embeddings, heads, members), "embeddings"
+    else:
+        p = np.clip(scores.astype(np.float64), 1e-30, 1 - 1e-7)
+        sigmoid = manifest.get("logit_bias") is not None
+        logits, source = [t0 * (np.log(p / (1 - p)) if sigmoid else np.log(p))], "scores"
+        members = [{"weight": 1.0, "logit_bias": manifest.get("logit_bias")}]
+    sigmoid = all(m["logit_bias"] is not None for m in members)
 
+    def nll(t: float) -> float:
+        return negative_log_likelihood(scores_from_logits(logits, members, t), truth, sigmoid)
 
-def calibrate(scores: np.ndarray, embeddings, head, truth: np.ndarray, manifest: dict) -> dict:
-    """One temperature fitted by NLL on the labeled rows; the value to put in a spec is the job's
-    temperature times the fitted factor."""
-    sigmoid = manifest.get("logit_bias") is not None
-    logits, source = _job_logits(scores, embeddings, head, manifest)
-    factor = fit_temperature(logits, truth, sigmoid)
-    before, after = probabilities(logits, sigmoid), probabilities(logits, sigmoid, factor)
+    fitted = fit_temperature(nll)
+    before, after = scores_from_logits(logits, members, t0), scores_from_logits(logits, members, fitted)
 
     def ece(p):
         return expected_calibration_error(p.max(1), p.argmax(1) == truth)
 
-    return {"temperature": manifest.get("temperature", 1.0) * factor, "fitted_factor": factor,
-            "logits_from": source, "ece_before": ece(before), "ece_after": ece(after),
-            "nll_before": negative_log_likelihood(logits, truth, sigmoid),
-            "nll_after": negative_log_likelihood(logits, truth, sigmoid, factor),
+    return {"temperature": fitted, "fitted_factor": fitted / t0, "logits_from": source,
+            "ece_before": ece(before), "ece_after": ece(after), "nll_before": nll(t0), "nll_after": nll(fitted),
             "reliability_after": calibration_bins(after.max(1), after.argmax(1) == truth)}
 
 
-def compare_templates(job, names: list[str], embeddings: np.ndarray, truth: np.ndarray, manifest: dict,
-                      stored_scores: np.ndarray, stored_head: np.ndarray) -> dict:
-    """Accuracy per template set from the stored embeddings: one text head per set, no image read."""
-    from clipbatch.labels import build_text_head, scores_from_embeddings
+def compare_templates(job, names: list[str], embeddings: dict, truth: np.ndarray, manifest: dict,
+                      stored_scores: np.ndarray, stored_heads: dict) -> dict:
+    """Accuracy per template set from the stored embeddings: one text head per set and model,
+    no image read."""
+    from clipbatch.labels import build_text_head, member_logits, scores_from_logits
     from clipbatch.models import load_model, resolve_model_name
 
-    loaded = load_model(resolve_model_name(job.spec.model.name), job.spec.model.pretrained, device="auto",
-                        precision=job.spec.model.precision)
-    args = (manifest["logit_scale"], manifest.get("logit_bias"), manifest.get("temperature", 1.0))
-    rescored = scores_from_embeddings(embeddings, stored_head, *args)
+    members, t0 = job_members(manifest), manifest.get("temperature", 1.0)
+    rescored = scores_from_logits(member_logits(embeddings, stored_heads, members), members, t0)
     results = {"_job": {"templates": manifest.get("templates_name", "custom"),
                         "max_abs_diff_vs_stored_scores": float(np.abs(rescored - stored_scores).max())}}
+    loaded = [load_model(resolve_model_name(m["model"]), m["pretrained"], device="auto", precision=m["precision"])
+              for m in members]
     for name in names:
         prompts = resolve_prompts(_labels_with_templates(job.spec.labels, name), job.spec.input.storage_options)
         if prompts.names != job.classes:
             raise SpecError(f"--templates {name}: changes the classes")
-        report = classification_report(scores_from_embeddings(embeddings, build_text_head(loaded, prompts.prompts),
-                                                              *args), truth, job.classes)
+        heads = {m["embedding_column"]: build_text_head(model, prompts.prompts) for m, model in zip(members, loaded)}
+        scores = scores_from_logits(member_logits(embeddings, heads, members), members, t0)
+        report = classification_report(scores, truth, job.classes)
         results[name] = {k: report[k] for k in ("top1", "top5", "mean_per_class_recall", "ece")}
         results[name]["templates"] = len(prompts.templates)
     return results
@@ -160,9 +172,11 @@ def evaluate(spec, overrides: dict | None = None, truth_file: str | None = None,
             raise SpecError(f"{job.out.url} is still incomplete after the run; rerun to finish it first")
     manifest = job.out.read_manifest()
     classes = manifest["classes"]
-    want_embeddings = bool(template_sets) or calibrate_temperature
+    members = job_members(manifest)
+    emb_columns = [m["embedding_column"] for m in members]
     names = _columns(job)
-    columns = ["id", "scores", "error"] + (["embedding"] if want_embeddings and "embedding" in names else []) \
+    stored = all(c in names for c in emb_columns) and (bool(template_sets) or calibrate_temperature)
+    columns = ["id", "scores", "error"] + (emb_columns if stored else []) \
         + ([truth_column] if truth_column and truth_column in names else [])
     table = job.out.read(columns)
     truth_labels, truth_source = truth_for(table, job, truth_file, truth_column)
@@ -174,7 +188,8 @@ def evaluate(spec, overrides: dict | None = None, truth_file: str | None = None,
     metrics = classification_report(scores, truth, classes)
     metrics.update({
         "classes": classes, "truth": truth_source,
-        "model": {k: manifest.get(k) for k in ("model", "pretrained", "precision", "logit_scale", "logit_bias")},
+        "model": {k: manifest.get(k) for k in ("model", "pretrained", "precision", "logit_scale", "logit_bias",
+                                               "ensemble") if k in manifest},
         "templates": manifest.get("templates"), "templates_name": manifest.get("templates_name"),
         "temperature": manifest.get("temperature", 1.0), "output": job.out.url,
         "excluded": excluded})
@@ -183,15 +198,15 @@ def evaluate(spec, overrides: dict | None = None, truth_file: str | None = None,
         metrics["min_score"] = {"threshold": manifest["min_score"], "coverage": float(covered.mean()),
                                 "top1_of_covered": float((scores.argmax(1) == truth)[covered].mean())
                                 if covered.any() else None}
-    embeddings = matrix(used["embedding"]) if "embedding" in used.column_names else None
-    if template_sets and embeddings is None:
+    if template_sets and not stored:
         raise SpecError("--templates rescoring needs stored embeddings (output.embeddings: true)")
-    head = job.out.read_head() if want_embeddings else None
+    embeddings = {c: matrix(used[c]) for c in emb_columns} if stored else None
+    heads = {c: job.out.read_head(c) for c in emb_columns} if stored else None
     if calibrate_temperature:
-        metrics["calibration"] = calibrate(scores, embeddings, head, truth, manifest)
+        metrics["calibration"] = calibrate(scores, embeddings, heads, truth, manifest)
     if template_sets:
         metrics["template_sets"] = compare_templates(job, list(template_sets), embeddings, truth, manifest, scores,
-                                                     head)
+                                                     heads)
     write_eval(job.out, metrics)
     return metrics
 

@@ -43,13 +43,22 @@ def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: fl
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def scores_from_embeddings(embeddings: np.ndarray, head: np.ndarray, logit_scale: float,
-                           logit_bias: float | None, temperature: float = 1.0) -> np.ndarray:
-    """[N, C] probabilities from stored (L2-normalized) embeddings and a text head, without
-    touching an image: what eval's template comparison does for every template set."""
-    cosine = torch.from_numpy(np.asarray(embeddings, np.float32)) @ torch.from_numpy(
-        np.asarray(head, np.float32)).T
-    return class_probabilities(cosine, logit_scale, logit_bias, temperature).numpy()
+def member_logits(embeddings: dict[str, np.ndarray], heads: dict[str, np.ndarray], members: list[dict]) -> list:
+    """Per model of a job (see evaluate.job_members): logit_scale * cos(stored embedding, class)
+    (+ logit_bias), at temperature 1, in float64. Stored embeddings are L2-normalized, so no image
+    is read; float16 storage moves the scores by about 1e-4."""
+    return [m["logit_scale"] * embeddings[m["embedding_column"]].astype(np.float64)
+            @ heads[m["embedding_column"]].T.astype(np.float64) + (m["logit_bias"] or 0.0) for m in members]
+
+
+def scores_from_logits(logits: list[np.ndarray], members: list[dict], temperature: float = 1.0) -> np.ndarray:
+    """[N, C] the job's scores from its models' logits: the weighted mean of their probabilities
+    (one model: its own probabilities), by the same rule as class_probabilities, in numpy."""
+    from clipbatch.metrics import probabilities
+
+    total = sum(m["weight"] for m in members)
+    return sum(m["weight"] / total * probabilities(z, m["logit_bias"] is not None, temperature)
+               for z, m in zip(logits, members))
 
 
 def top_k(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ indices [N]; nothing here reads files, so every number can be checked by hand.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -80,33 +81,36 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def probabilities(logits: np.ndarray, sigmoid: bool, temperature: float = 1.0) -> np.ndarray:
+    """The model's probabilities at a temperature (labels.py's rule, in float64 numpy)."""
     z = logits / temperature
     return 1 / (1 + np.exp(-z)) if sigmoid else np.exp(_log_softmax(z))
 
 
-def negative_log_likelihood(logits: np.ndarray, truth: np.ndarray, sigmoid: bool, temperature: float = 1.0) -> float:
-    """Mean NLL of the true class: softmax cross-entropy, or for sigmoid models the one-vs-rest
-    binary cross-entropy summed over classes."""
-    z = logits / temperature
+def negative_log_likelihood(probs: np.ndarray, truth: np.ndarray, sigmoid: bool) -> float:
+    """Mean NLL of the true classes: -log p(true class), or for sigmoid models the one-vs-rest
+    binary cross-entropy summed over classes. Works on probabilities, so that it serves a mixture
+    of models as well as one."""
+    p = np.clip(probs.astype(np.float64), 1e-300, 1.0)
+    rows = np.arange(len(truth))
     if not sigmoid:
-        return float(-_log_softmax(z)[np.arange(len(truth)), truth].mean())
-    target = np.zeros_like(z)
-    target[np.arange(len(truth)), truth] = 1.0
-    # log(1 + e^-z) for positives, log(1 + e^z) for negatives, computed without overflow
-    return float(np.logaddexp(0.0, np.where(target == 1, -z, z)).sum(axis=1).mean())
+        return float(-np.log(p[rows, truth]).mean())
+    positive = np.zeros(p.shape, bool)
+    positive[rows, truth] = True
+    return float(-np.where(positive, np.log(p), np.log1p(-np.minimum(p, 1 - 1e-16))).sum(axis=1).mean())
 
 
-def fit_temperature(logits: np.ndarray, truth: np.ndarray, sigmoid: bool = False) -> float:
-    """The one temperature T minimizing NLL(logits / T).
+def fit_temperature(nll_at: Callable[[float], float]) -> float:
+    """The temperature T in [0.01, 100] minimizing nll_at(T).
 
-    The NLL is convex in 1/T (cross-entropy is convex in the logits, which are linear in 1/T),
-    so a golden-section search over log(1/T) finds the minimum without an optimizer library.
+    For one model the NLL is convex in 1/T (cross-entropy is convex in the logits, which are
+    linear in 1/T), so a golden-section search over log(1/T) finds the minimum without an
+    optimizer library; for a mixture of models it finds a local one.
     """
     lo, hi = math.log(1e-2), math.log(1e2)
     ratio = (math.sqrt(5) - 1) / 2
 
     def loss(log_beta: float) -> float:
-        return negative_log_likelihood(logits, truth, sigmoid, temperature=math.exp(-log_beta))
+        return nll_at(math.exp(-log_beta))
 
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = loss(a), loss(b)

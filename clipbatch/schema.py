@@ -10,10 +10,11 @@ import pyarrow as pa
 METADATA_KEY = b"clipbatch"
 
 
-def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
+def output_schema(num_classes: int, embeddings: dict[str, int], embedding_dtype: str | None,
                   metadata: dict | None = None, carried: list[str] = ()) -> pa.Schema:
-    """embedding_dtype None means the job keeps no embedding column; carried columns (input.keep)
-    come last, as strings."""
+    """embeddings: column name -> dimension (``embedding`` for one model, ``embedding_<key>`` per
+    model of an ensemble); embedding_dtype None means the job keeps no embedding column; carried
+    columns (input.keep) come last, as strings."""
     fields = [
         pa.field("id", pa.string()),
         pa.field("source", pa.string()),
@@ -27,7 +28,7 @@ def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
     ]
     if embedding_dtype:
         value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
-        fields.append(pa.field("embedding", pa.list_(value_type, embed_dim)))
+        fields += [pa.field(name, pa.list_(value_type, dim)) for name, dim in embeddings.items()]
     fields.append(pa.field("error", pa.string()))
     fields += [pa.field(name, pa.string()) for name in carried]
     schema = pa.schema(fields)

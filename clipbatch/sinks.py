@@ -31,6 +31,11 @@ from clipbatch.sources import is_local
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 TEXT_HEAD = "_text_head.npy"  # [C, D] float32: the job's zero-shot head, for reruns, eval and relabel
+
+
+def head_file(embedding_column: str = "embedding") -> str:
+    """_text_head.npy for one model; _text_head.embedding_<key>.npy for each model of an ensemble."""
+    return TEXT_HEAD if embedding_column == "embedding" else f"_text_head.{embedding_column}.npy"
 PART_GLOB = "part-*.parquet"
 
 
@@ -72,13 +77,13 @@ class OutputDir:
         else:
             self.fs.pipe_file(target, data)
 
-    def write_head(self, head: np.ndarray) -> None:
+    def write_head(self, head: np.ndarray, embedding_column: str = "embedding") -> None:
         buf = io.BytesIO()
         np.save(buf, np.asarray(head, np.float32))
-        self.write_bytes(TEXT_HEAD, buf.getvalue())
+        self.write_bytes(head_file(embedding_column), buf.getvalue())
 
-    def read_head(self) -> np.ndarray:
-        return np.load(io.BytesIO(self.fs.cat_file(self.join(TEXT_HEAD))))
+    def read_head(self, embedding_column: str = "embedding") -> np.ndarray:
+        return np.load(io.BytesIO(self.fs.cat_file(self.join(head_file(embedding_column)))))
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The rows written so far (every part is whole), with only the columns asked for."""
@@ -99,7 +104,8 @@ class OutputDir:
                             f"{redact(f'{type(exc).__name__}: {exc}')}") from None
 
     def clear(self) -> None:
-        for path in self.parts() + self.leftovers() + [self.join(n) for n in (MANIFEST, SUCCESS, TEXT_HEAD)]:
+        heads = self.fs.glob(self.join("_text_head*.npy"))
+        for path in self.parts() + self.leftovers() + heads + [self.join(n) for n in (MANIFEST, SUCCESS)]:
             if self.fs.exists(path):
                 self.fs.rm_file(path)
 

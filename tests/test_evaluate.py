@@ -16,7 +16,7 @@ from PIL import Image
 from clipbatch.cli import main
 from clipbatch.demo import world
 from clipbatch.demo.command import write_images
-from clipbatch.metrics import negative_log_likelihood
+from clipbatch.metrics import negative_log_likelihood, probabilities
 from clipbatch.models import load_model
 from clipbatch.schema import matrix
 
@@ -79,9 +79,13 @@ def test_calibration_lowers_nll(evaluated):
     head = np.load(root / "out" / "_text_head.npy")
     logits = m["model"]["logit_scale"] * emb.astype(np.float64) @ head.T
     t = c["temperature"]
-    assert negative_log_likelihood(logits, truth, False, t) == pytest.approx(c["nll_after"], rel=1e-6)
+
+    def nll(temperature):
+        return negative_log_likelihood(probabilities(logits, False, temperature), truth, False)
+
+    assert nll(t) == pytest.approx(c["nll_after"], rel=1e-6) and nll(1.0) == pytest.approx(c["nll_before"], rel=1e-6)
     for other in (t * 1.05, t / 1.05):  # a minimum
-        assert negative_log_likelihood(logits, truth, False, other) > c["nll_after"]
+        assert nll(other) > c["nll_after"]
 
 
 def test_template_sets_match_direct_computation(evaluated, capsys):

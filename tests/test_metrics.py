@@ -9,7 +9,7 @@ import pytest
 
 from clipbatch.metrics import (calibration_bins, classification_report, confusion_matrix,
                                expected_calibration_error, fit_temperature, mean_per_class_recall,
-                               negative_log_likelihood, per_class, top_k_accuracy)
+                               negative_log_likelihood, per_class, probabilities, top_k_accuracy)
 
 CLASSES = ["a", "b", "c"]
 TRUTH = np.array([0, 0, 1, 1, 2])
@@ -59,17 +59,23 @@ def test_temperature_by_hand():
     # class 0 is 0.75, so 2 / T = ln 3 and T = 2 / ln 3.
     logits = np.array([[2.0, 0.0]] * 4)
     truth = np.array([0, 0, 0, 1])
-    t = fit_temperature(logits, truth)
+    t = fit_temperature(nll_of(logits, truth, False))
     assert t == pytest.approx(2 / math.log(3), rel=1e-6)
     nll = -(3 * math.log(0.75) + math.log(0.25)) / 4
-    assert negative_log_likelihood(logits, truth, False, t) == pytest.approx(nll, rel=1e-9)
-    # sigmoid models: one logit z per row for one class, 3 of 4 positive: sigmoid(z / T) = 0.75
+    assert nll_of(logits, truth, False)(t) == pytest.approx(nll, rel=1e-9)
+    # sigmoid models: always right, so the sharpest temperature allowed
     z = np.array([[1.5]] * 4)
-    assert fit_temperature(z, np.array([0, 0, 0, 0]), sigmoid=True) < 0.011  # always right: sharpest allowed
+    assert fit_temperature(nll_of(z, np.array([0, 0, 0, 0]), True)) < 0.011
     two = np.array([[1.5, -1.5]] * 4)
-    # class 0 positive in 3 rows, class 1 positive in 1: both are the same 3-of-4 problem
-    t_sig = fit_temperature(two, np.array([0, 0, 0, 1]), sigmoid=True)
+    # class 0 positive in 3 rows, class 1 positive in 1: both are the same 3-of-4 problem,
+    # sigmoid(1.5 / T) = 0.75; the NLL sums both classes' binary cross-entropies
+    t_sig = fit_temperature(nll_of(two, np.array([0, 0, 0, 1]), True))
     assert t_sig == pytest.approx(1.5 / math.log(3), rel=1e-6)
+    assert nll_of(two, np.array([0, 0, 0, 1]), True)(t_sig) == pytest.approx(2 * nll, rel=1e-9)
+
+
+def nll_of(logits, truth, sigmoid):
+    return lambda t: negative_log_likelihood(probabilities(logits, sigmoid, t), truth, sigmoid)
 
 
 def test_report_names():
