@@ -198,7 +198,8 @@ class Job:
                  f"{' ...' if len(self.classes) > 10 else ''}",
                  f"templates  {len(self.templates)} ({self.prompts.templates_name}): "
                  f"{self.templates[0]!r}{' ...' if len(self.templates) > 1 else ''}"
-                 f"{f'; own prompts for {len(self.prompts.custom)} classes' if self.prompts.custom else ''}",
+                 + (f"; {len(self.prompts.custom)} class(es) with synonyms or own prompts" if self.prompts.custom
+                    else ""),
                  *[f"{'model' if i == 0 else '':<11}{m.name}{' pretrained=' + m.pretrained if m.pretrained else ''}, "
                    f"precision {m.precision}"
                    + (f", weight {e.weight / sum(x.weight for x in self.members):.3g} -> {e.embedding_column}"
