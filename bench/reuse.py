@@ -39,7 +39,7 @@ def make_output(folder: Path, rows: int, dim: int, model: str) -> Path:
     """A complete clipbatch output with random unit embeddings (reused when already there)."""
     import pyarrow as pa
 
-    from clipbatch.labels import label_columns
+    from clipbatch.labels import class_probabilities, label_columns
     from clipbatch.outputs import SUCCESS, OutputDir, write_part
     from clipbatch.schema import fixed_size_lists, output_schema
 
@@ -52,7 +52,7 @@ def make_output(folder: Path, rows: int, dim: int, model: str) -> Path:
 
     metadata = {"model": model, "pretrained": None, "classes": BENCH_CLASSES, "templates": ["a photo of a {}."],
                 "fingerprint": {"model": model}, "preprocess_cfg": {}}
-    schema = output_schema(len(BENCH_CLASSES), dim, "float16", metadata)
+    schema = output_schema(len(BENCH_CLASSES), {"embedding": dim}, "float16", metadata)
     rng = np.random.default_rng(0)
     head = torch.nn.functional.normalize(torch.randn(len(BENCH_CLASSES), dim), dim=-1)
     classes = pa.array(BENCH_CLASSES)
@@ -64,7 +64,7 @@ def make_output(folder: Path, rows: int, dim: int, model: str) -> Path:
         table = pa.Table.from_pydict({
             "id": pa.array(ids), "source": pa.array([f"/data/{i}" for i in ids]),
             "width": pa.array(np.full(n, 640, np.int32)), "height": pa.array(np.full(n, 480, np.int32)),
-            **label_columns(emb, valid, head, classes, 100.0, None, 5),
+            **label_columns(class_probabilities(emb @ head.T, 100.0, None), valid, classes, 5),
             "embedding": fixed_size_lists(emb.numpy().astype(np.float16), valid, pa.float16()),
             "error": pa.nulls(n, pa.string())}, schema=schema)
         write_part(out, table, f"part-{start // ROWS_PER_PART:06d}.parquet")

@@ -58,6 +58,7 @@ def add_relabel_parser(sub) -> None:
     p.add_argument("--template", dest="templates", action="append", metavar="T",
                    help="a template with {} (repeatable), or one built-in set name; default: the output's own")
     p.add_argument("--min-score", type=float, help="below this score the label is null (scores stay complete)")
+    p.add_argument("--unknown", metavar="NAME", help="the label below --min-score instead of null")
     p.add_argument("--top-k", type=int, help="length of top_labels/top_scores; default: the output's")
     p.add_argument("--out", required=True, help="where the new output goes (a new path)")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
@@ -70,7 +71,7 @@ def cmd_relabel(args) -> int:
     from clipbatch.stored import parse_storage_options
 
     job = Relabel(args.output, args.out, classes=args.classes, classes_file=args.classes_file,
-                  templates=args.templates, min_score=args.min_score, top_k=args.top_k,
+                  templates=args.templates, min_score=args.min_score, unknown=args.unknown, top_k=args.top_k,
                   storage_options=parse_storage_options(args.storage_option))
     print(f"clipbatch: relabeling {job.stored.url} with {len(job.classes)} classes x {len(job.templates)} "
           f"templates (model {job.stored.metadata['model']}) into {job.out.url}", flush=True)
@@ -109,11 +110,12 @@ def cmd_search(args) -> int:
     storage_options = parse_storage_options(args.storage_option)
     stored = StoredOutput(args.output, storage_options)
     stored.require_embeddings("search")
-    loaded = stored.load_model(device="cpu")
+    member = stored.members[0]  # an ensemble is searched in its first model's embeddings
+    loaded = stored.load_model(member, device="cpu")
     query = text_query(loaded, args.query) if args.image is None else \
-        image_query(loaded, args.image, stored.metadata["preprocess_cfg"], storage_options)
+        image_query(loaded, args.image, member["preprocess_cfg"], storage_options)
     del loaded  # the model is not needed for the scan
-    results = search(stored, query, args.k, args.where)
+    results = search(stored, query, args.k, args.where, column=member["embedding_column"])
     print(as_json(results) if args.json else format_results(results))
     if args.html:
         write_html(args.html, f"clipbatch search: {args.query or args.image}", results, stored, storage_options)
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     add_demo_parser(sub)
     add_relabel_parser(sub)
     add_search_parser(sub)
+    from clipbatch.evaluate import add_eval_parser
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -9,11 +9,13 @@ Jobs (through the Ray sink in sinks.py), relabel and search all go through here.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 import uuid
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,7 +25,13 @@ from clipbatch.sources import is_local
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+TEXT_HEAD = "_text_head.npy"  # [C, D] float32: the job's zero-shot head, for reruns, eval and relabel
 PART_GLOB = "part-*.parquet"
+
+
+def head_file(embedding_column: str = "embedding") -> str:
+    """_text_head.npy for one model; _text_head.embedding_<key>.npy for each model of an ensemble."""
+    return TEXT_HEAD if embedding_column == "embedding" else f"_text_head.{embedding_column}.npy"
 
 
 class OutputDir:
@@ -50,14 +58,34 @@ class OutputDir:
         return json.loads(self.fs.cat_file(self.join(MANIFEST)))
 
     def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
         """Write a small file so that it appears whole."""
         target = self.join(name)
         if self.is_local:
-            tmp = self.join(f".{name}.{uuid.uuid4().hex}.tmp")
-            self.fs.pipe_file(tmp, text.encode())
+            folder, base = posixpath.split(target)
+            tmp = posixpath.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
+            self.fs.makedirs(folder, exist_ok=True)
+            self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, target)
         else:
-            self.fs.pipe_file(target, text.encode())
+            self.fs.pipe_file(target, data)
+
+    def write_head(self, head: np.ndarray, embedding_column: str = "embedding") -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(head, np.float32))
+        self.write_bytes(head_file(embedding_column), buf.getvalue())
+
+    def read_head(self, embedding_column: str = "embedding") -> np.ndarray:
+        return np.load(io.BytesIO(self.fs.cat_file(self.join(head_file(embedding_column)))))
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The rows written so far (every part is whole), with only the columns asked for."""
+        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in self.parts()]
+        if not tables:
+            raise FileNotFoundError(f"{self.url} holds no part-*.parquet")
+        return pa.concat_tables(tables, promote_options="permissive")
 
     def check_writable(self) -> None:
         """Fail in seconds, before any work, on a missing bucket or wrong credentials."""
@@ -71,7 +99,8 @@ class OutputDir:
                             f"{redact(f'{type(exc).__name__}: {exc}')}") from None
 
     def clear(self) -> None:
-        for path in self.parts() + self.leftovers() + [self.join(n) for n in (MANIFEST, SUCCESS)]:
+        heads = self.fs.glob(self.join("_text_head*.npy"))
+        for path in self.parts() + self.leftovers() + heads + [self.join(n) for n in (MANIFEST, SUCCESS)]:
             if self.fs.exists(path):
                 self.fs.rm_file(path)
 
@@ -82,8 +111,10 @@ class OutputDir:
     def written_rows(self) -> pa.Table:
         """(id, source, error) of every row written so far (parts are atomic, so every part is whole)."""
         schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
-        tables = [pq.read_table(p, columns=schema.names, filesystem=self.fs) for p in self.parts()]
-        return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+        try:
+            return self.read(schema.names).cast(schema)
+        except FileNotFoundError:
+            return schema.empty_table()
 
 
 def write_part(out: OutputDir, table: pa.Table, name: str) -> str:

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,11 +28,12 @@ from pydantic import ValidationError
 
 from clipbatch import __version__
 from clipbatch.config import LabelsSpec, SpecError
-from clipbatch.labels import build_text_head, label_columns, resolve_classes, resolve_templates
+from clipbatch.labels import build_text_head, class_probabilities, label_columns
 from clipbatch.progress import ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, write_part
 from clipbatch.stored import StoredOutput, embeddings_of
+from clipbatch.templates import resolve_prompts
 
 RELABEL_THREADS = 2  # Parquet decode/encode and the matrix products release the GIL
 
@@ -49,14 +49,16 @@ class RelabelSummary:
 
 
 def _labels_spec(classes: list[str] | None, classes_file: str | None, templates: list[str] | None,
-                 stored_templates: list[str], top_k: int) -> LabelsSpec:
+                 stored_templates: list[str], top_k: int, min_score: float | None, unknown: str | None,
+                 temperature: float) -> LabelsSpec:
     """The new labels, checked by the same rules as a job spec's labels section."""
     if templates and len(templates) == 1 and "{}" not in templates[0]:
         chosen: str | list[str] = templates[0]  # a built-in set's name
     else:
         chosen = templates or stored_templates
     try:
-        return LabelsSpec(classes=classes, classes_file=classes_file, templates=chosen, top_k=top_k)
+        return LabelsSpec(classes=classes, classes_file=classes_file, templates=chosen, top_k=top_k,
+                          min_score=min_score, unknown=unknown, temperature=temperature)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "labels"
@@ -67,8 +69,9 @@ class Relabel:
     """A checked relabel: source output opened, new labels resolved, target checked."""
 
     def __init__(self, source: str, out: str, classes: list[str] | None = None, classes_file: str | None = None,
-                 templates: list[str] | None = None, min_score: float | None = None, top_k: int | None = None,
-                 storage_options: dict | None = None, out_storage_options: dict | None = None):
+                 templates: list[str] | None = None, min_score: float | None = None, unknown: str | None = None,
+                 top_k: int | None = None, storage_options: dict | None = None,
+                 out_storage_options: dict | None = None):
         storage_options = storage_options or {}
         self.stored = StoredOutput(source, storage_options)
         self.stored.require_embeddings("relabel")
@@ -76,16 +79,15 @@ class Relabel:
             raise SpecError(f"{self.stored.url} is not complete (no {SUCCESS}); finish its job first "
                             "(rerun `clipbatch run` with the same spec)")
         meta = self.stored.metadata
-        labels = _labels_spec(classes, classes_file, templates, meta["templates"], top_k or self._stored_top_k())
-        self.classes = resolve_classes(labels, storage_options)
-        self.templates = resolve_templates(labels.templates)
-        self.top_k = labels.top_k
-        self.min_score = min_score
+        self.labels = _labels_spec(classes, classes_file, templates, meta["templates"],
+                                   top_k or self._stored_top_k(), min_score, unknown, meta.get("temperature", 1.0))
+        self.prompts = resolve_prompts(self.labels, storage_options)
+        self.classes, self.templates = self.prompts.names, self.prompts.templates
         self.out = OutputDir(out, out_storage_options if out_storage_options is not None else storage_options)
         if self.out.url == self.stored.url:
             raise SpecError("--out must be a new output path, not the output being relabeled")
         self.fingerprint = {**meta.get("fingerprint", {}), "classes": self.classes, "templates": self.templates,
-                            **({"min_score": min_score} if min_score is not None else {})}
+                            "prompts": self.prompts.digest(), "min_score": min_score, "unknown": unknown}
 
     def _stored_top_k(self) -> int:
         """The source's top_k (the longest top_labels list of its first part), kept unless --top-k is given."""
@@ -116,16 +118,24 @@ class Relabel:
             print(f"clipbatch: {self.out.url} is already complete ({rows:,} rows); nothing to do", flush=True)
             return RelabelSummary(self.out.url, rows, manifest.get("counts", {}).get("errors", 0), 0.0, 0.0,
                                   skipped=True)
-        loaded = self.stored.load_model(device="cpu")
-        head = build_text_head(loaded, self.classes, self.templates)
+        members = []
+        for member in self.stored.members:
+            loaded = self.stored.load_model(member, device="cpu")
+            head = build_text_head(loaded, self.prompts.prompts)
+            self.out.write_head(head, member["embedding_column"])
+            members.append(_ScoredMember(member["embedding_column"], torch.from_numpy(head), loaded.logit_scale,
+                                         loaded.logit_bias, member["weight"]))
+            del loaded
         meta = self.stored.metadata
         metadata = {**meta, "clipbatch_version": __version__, "classes": self.classes,
-                    "templates": self.templates, "fingerprint": self.fingerprint,
-                    "relabeled_from": self.stored.url, "min_score": self.min_score}
-        schema = output_schema(len(self.classes), head.shape[1], self.stored.embedding_dtype, metadata,
-                               self.stored.carried)
-        scorer = _PartScorer(torch.from_numpy(head), pa.array(self.classes, pa.string()), loaded.logit_scale,
-                             loaded.logit_bias, self.top_k, self.min_score, schema)
+                    "templates": self.templates, "templates_name": self.prompts.templates_name,
+                    "custom_prompts": self.prompts.custom, "min_score": self.labels.min_score,
+                    "unknown": self.labels.unknown, "fingerprint": self.fingerprint,
+                    "relabeled_from": self.stored.url}
+        dims = {m.column: m.text_head.shape[1] for m in members}
+        schema = output_schema(len(self.classes), dims, self.stored.embedding_dtype, metadata, self.stored.carried)
+        scorer = _PartScorer(members, pa.array(self.classes, pa.string()), self.labels.top_k,
+                             self.labels.min_score, self.labels.unknown, self.labels.temperature, schema)
         counts = _Counts()
         begun = time.time()
         with ProgressReporter(counts.read, self.stored.count_rows(todo), unit="rows"):
@@ -147,7 +157,8 @@ class Relabel:
         seconds = time.time() - started
         manifest = {**self.stored.manifest, **{k: v for k, v in self.stored.metadata.items() if k != "fingerprint"},
                     "clipbatch_version": __version__, "classes": self.classes, "templates": self.templates,
-                    "min_score": self.min_score, "relabeled_from": self.stored.url, "output": self.out.url,
+                    "min_score": self.labels.min_score, "unknown": self.labels.unknown,
+                    "relabeled_from": self.stored.url, "output": self.out.url,
                     "counts": {"rows": written.num_rows, "errors": errors},
                     "timings": {"relabel_s": round(time.time() - begun, 3), "total_s": round(seconds, 3)},
                     "parts": [posixpath.basename(p) for p in self.out.parts()], "fingerprint": self.fingerprint,
@@ -178,25 +189,40 @@ class _Counts:
 
 
 @dataclass
-class _PartScorer:
-    """One part's rows -> the same rows with the label columns recomputed from their embeddings."""
+class _ScoredMember:
+    """One model of the output (one for a single-model job): its new head and its weight."""
 
+    column: str  # its embedding column
     text_head: torch.Tensor
-    classes: pa.Array
     logit_scale: float
     logit_bias: float | None
+    weight: float
+
+
+@dataclass
+class _PartScorer:
+    """One part's rows -> the same rows with the label columns recomputed from their embeddings,
+    by the rule the job's encoders use (an ensemble: the weighted mean of its models' probabilities)."""
+
+    members: list[_ScoredMember]
+    classes: pa.Array
     top_k: int
     min_score: float | None
+    unknown: str | None
+    temperature: float
     schema: pa.Schema
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        stored, valid = embeddings_of(table)
-        with warnings.catch_warnings():  # read-only Arrow memory: torch only reads it, to convert
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            embeddings = torch.from_numpy(stored).float()
-        columns = label_columns(embeddings, valid, self.text_head, self.classes, self.logit_scale,
-                                self.logit_bias, self.top_k, self.min_score)
+        total = sum(m.weight for m in self.members)
+        probs, valid = 0, None
+        for member in self.members:
+            stored, valid = embeddings_of(table, member.column)
+            with warnings.catch_warnings():  # read-only Arrow memory: torch only reads it, to convert
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                embeddings = torch.from_numpy(stored).float()
+            probs = probs + member.weight / total * class_probabilities(
+                embeddings @ member.text_head.T, member.logit_scale, member.logit_bias, self.temperature)
+        columns = label_columns(probs, valid, self.classes, self.top_k, self.min_score, self.unknown)
         for name, values in columns.items():
             table = table.set_column(table.schema.get_field_index(name), name, values)
         return table.cast(self.schema)
-

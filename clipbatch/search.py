@@ -65,17 +65,18 @@ def part_urls(stored: StoredOutput) -> list[str]:
 
 
 def search(stored: StoredOutput, query: np.ndarray, k: int = 10, where: str | None = None,
-           threads: int | None = None) -> list[dict]:
-    """Rows [{rank, score, id, source, label}], best first; ties broken by id so results are stable."""
+           column: str = "embedding", threads: int | None = None) -> list[dict]:
+    """Rows [{rank, score, id, source, label}], best first; ties broken by id so results are stable.
+    column: the embedding column (an ensemble has one per model)."""
     import duckdb
 
     stored.require_embeddings("search")
-    dim = stored.schema.field("embedding").type.list_size
+    dim = stored.schema.field(column).type.list_size
     if query.shape != (dim,):
         raise SpecError(f"the query embedding has {query.shape[0]} dimensions but {stored.url} stores {dim}")
     condition = f"AND ({where})" if where else ""
-    sql = (f"SELECT id, source, label, array_cosine_similarity(embedding::FLOAT[{dim}], $query::FLOAT[{dim}]) "
-           f"AS similarity FROM read_parquet($parts) WHERE embedding IS NOT NULL {condition} "
+    sql = (f"SELECT id, source, label, array_cosine_similarity({column}::FLOAT[{dim}], $query::FLOAT[{dim}]) "
+           f"AS similarity FROM read_parquet($parts) WHERE {column} IS NOT NULL {condition} "
            f"ORDER BY similarity DESC, id LIMIT {int(k)}")
     con = _connect(stored, threads)
     try:

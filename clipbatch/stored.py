@@ -17,9 +17,9 @@ from clipbatch.schema import read_metadata
 from clipbatch.secrets import redact
 from clipbatch.outputs import SUCCESS, OutputDir
 
-# Columns every output has before the embedding; anything after `error` was carried from the input.
+# Columns every output has; embedding columns and those carried from the input (input.keep) come on top.
 _CONTRACT_COLUMNS = ("id", "source", "width", "height", "label", "score", "top_labels", "top_scores", "scores",
-                     "embedding", "error")
+                     "error")
 
 
 def parse_storage_options(items: list[str] | None) -> dict:
@@ -61,15 +61,32 @@ class StoredOutput:
         return list(self.metadata["classes"])
 
     @property
+    def members(self) -> list[dict]:
+        """The model(s) that made the output: {model, pretrained, weight, embedding_column,
+        logit_scale, logit_bias, preprocess_cfg} each; one for a single-model job."""
+        meta = self.metadata
+        if "ensemble" in meta:
+            return [{"weight": 1.0, "logit_bias": None, **m} for m in meta["ensemble"]]
+        return [{"model": meta["model"], "pretrained": meta.get("pretrained"), "weight": 1.0,
+                 "embedding_column": "embedding", "logit_scale": meta.get("logit_scale"),
+                 "logit_bias": meta.get("logit_bias"), "preprocess_cfg": meta.get("preprocess_cfg")}]
+
+    @property
+    def embedding_columns(self) -> list[str]:
+        return [m["embedding_column"] for m in self.members if m["embedding_column"] in self.schema.names]
+
+    @property
     def carried(self) -> list[str]:
-        """Columns carried from the input (input.keep): those the output contract does not name."""
-        return [n for n in self.schema.names if n not in _CONTRACT_COLUMNS]
+        """Columns carried from the input (input.keep): neither the contract's nor embeddings."""
+        embeddings = {m["embedding_column"] for m in self.members}
+        return [n for n in self.schema.names if n not in _CONTRACT_COLUMNS and n not in embeddings]
 
     @property
     def embedding_dtype(self) -> str | None:
-        if "embedding" not in self.schema.names:
+        if not self.embedding_columns:
             return None
-        return "float16" if self.schema.field("embedding").type.value_type == pa.float16() else "float32"
+        value_type = self.schema.field(self.embedding_columns[0]).type.value_type
+        return "float16" if value_type == pa.float16() else "float32"
 
     def require_embeddings(self, command: str) -> None:
         if self.embedding_dtype is None:
@@ -84,30 +101,30 @@ class StoredOutput:
     def read_part(self, part: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(part, columns=columns, filesystem=self.dir.fs)
 
-    def load_model(self, device: str = "auto"):
-        """The model named in the metadata, through open_clip's own loader, in fp32.
+    def load_model(self, member: dict, device: str = "auto"):
+        """A member's model (see members), through open_clip's own loader, in fp32.
 
         Refuses with one line when it cannot be loaded (a local-dir that moved, an unreachable hub)."""
         from clipbatch.models import load_model, resolve_model_name
 
-        name, pretrained = self.metadata["model"], self.metadata.get("pretrained")
+        name, pretrained = member["model"], member.get("pretrained")
         try:
             loaded = load_model(resolve_model_name(name), pretrained, device=device, precision="fp32")
         except Exception as exc:
             reason = redact(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             raise SpecError(f"cannot load the model that made {self.url} ({name}"
                             f"{', pretrained=' + pretrained if pretrained else ''}): {reason[:300]}") from None
-        stored_scale = self.metadata.get("logit_scale")
+        stored_scale = member.get("logit_scale")
         if stored_scale is not None and not np.isclose(loaded.logit_scale, stored_scale, rtol=1e-3):
             raise SpecError(f"the model loaded as {name} has logit scale {loaded.logit_scale:.4g}, but {self.url} "
                             f"was made with {stored_scale:.4g}: the weights behind that name changed")
         return loaded
 
 
-def embeddings_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def embeddings_of(table: pa.Table, column: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
     """(stored embeddings of the rows that have one [n_valid, D] as stored (float16 or float32),
-    valid mask [n]) from a table with an `embedding` column."""
-    column = table["embedding"].combine_chunks()
+    valid mask [n]) from a table with an embedding column."""
+    column = table[column].combine_chunks()
     valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
     dim = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)  # the rows that are not null, in order
