@@ -128,3 +128,13 @@ def test_ensemble_matches_its_members(tmp_path, images, tiny_model, small_model,
     assert m["calibration"]["nll_after"] <= m["calibration"]["nll_before"]
     truth = np.array([CLASSES.index(i.split("/")[0]) for i in table["id"].to_pylist()])
     assert m["top1"] == pytest.approx((scores.argmax(1) == truth).mean())
+
+    # relabel with the job's own classes and templates reproduces the stored scores from the
+    # members' stored embeddings; search runs in the first member's embeddings
+    assert main(["relabel", str(out), *sum((["--class", c] for c in CLASSES), []),
+                 *sum((["--template", t] for t in TEMPLATES), []), "--out", str(tmp_path / "again")]) == 0
+    again = pq.read_table(tmp_path / "again")
+    assert again["id"].to_pylist() == table["id"].to_pylist()
+    np.testing.assert_allclose(matrix(again["scores"]), scores, atol=1e-5)
+    assert again["label"].to_pylist() == table["label"].to_pylist()
+    assert main(["search", str(out), "a photo of a group1.", "-k", "3"]) == 0
