@@ -99,7 +99,7 @@ class OutputDir:
                             f"{redact(f'{type(exc).__name__}: {exc}')}") from None
 
     def clear(self) -> None:
-        heads = self.fs.glob(self.join("_text_head*.npy"))
+        heads = self.fs.glob(self.join("_text_head*.npy")) + self.fs.glob(self.join("_shards/*.json"))
         for path in self.parts() + self.leftovers() + heads + [self.join(n) for n in (MANIFEST, SUCCESS)]:
             if self.fs.exists(path):
                 self.fs.rm_file(path)

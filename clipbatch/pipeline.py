@@ -251,14 +251,20 @@ class Job:
 
     def _with_done(self, listing: pa.Table, written: pa.Table) -> pa.Table:
         """Images: the listing minus what is written. Shards (whose rows are only known once read):
-        every shard, each with the ids of its rows already written, for the reader to skip."""
+        the shards not known to be finished (a recorded row count that all its written rows
+        reach), each with the ids of its rows already written, for the reader to skip."""
+        from clipbatch.shards import read_shard_records
+
         if self.format == "images":
             done = written["id"].combine_chunks()
             return listing.filter(pc.invert(pc.is_in(listing["id"], value_set=done)))
         by_shard = written.group_by("source").aggregate([("id", "list")])
         done = dict(zip(by_shard["source"].to_pylist(), by_shard["id_list"].to_pylist()))
-        return listing.append_column("done", pa.array([done.get(s, []) for s in listing["source"].to_pylist()],
-                                                      pa.list_(pa.string())))
+        records = read_shard_records(self.out) if done else {}
+        sources = listing["source"].to_pylist()
+        unfinished = [records.get(s) != len(done.get(s, [])) for s in sources]
+        listing = listing.append_column("done", pa.array([done.get(s, []) for s in sources], pa.list_(pa.string())))
+        return listing.filter(pa.array(unfinished, pa.bool_()))
 
     def run(self) -> RunSummary:
         import ray
@@ -369,7 +375,8 @@ class Job:
             rows = ray.data.from_arrow([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
                 read_shards, batch_size=1, num_cpus=DECODE_CPUS,
                 fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
-                           "image_column": inputs.image_column, "id_column": inputs.id_column})
+                           "image_column": inputs.image_column, "id_column": inputs.id_column,
+                           "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
         return (rows
                 .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
                              fn_kwargs={"preprocess_cfg_json": json.dumps(self.decode_cfgs[0]),

@@ -65,6 +65,16 @@ def test_webdataset_end_to_end(webdataset, tiny_model, tmp_path, ray_local):
     assert_thumbnails_read_back(rows, manifest)
 
     # Resume: lose one part, rerun: the missing rows come back exactly once, the rest is skipped.
+    # A run killed after its last part but before _SUCCESS: the rerun reads no shard again,
+    # since every shard's recorded row count is reached by its rows in the output.
+    records = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "_shards").glob("*.json")}
+    assert len(records) == 4  # every shard, the missing one too (its one error row)
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    again = clipbatch.run(spec)
+    assert again.complete and again.new_rows == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "_shards").glob("*.json")} == records
+
+    # Resume: lose one part, rerun: the missing rows come back exactly once, the rest is skipped.
     parts = sorted((tmp_path / "out").glob("part-*.parquet"))
     (tmp_path / "out" / "_SUCCESS").unlink()
     lost = pq.read_table(parts[0]).num_rows
