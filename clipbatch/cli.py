@@ -1,4 +1,4 @@
-"""`clipbatch run|validate|demo ...`: the command line over the pipeline."""
+"""`clipbatch run|validate|demo|relabel|search ...`: the command line over the pipeline and its outputs."""
 
 from __future__ import annotations
 
@@ -47,6 +47,83 @@ def print_summary(summary) -> None:
           f"results: {summary.output}", flush=True)
 
 
+def add_relabel_parser(sub) -> None:
+    p = sub.add_parser("relabel", help="new classes, templates or threshold over an output's stored embeddings",
+                       description="Recompute labels and scores of a finished output from its stored embeddings, with new "
+                       "classes, templates or threshold, into a new output; no image is read again.")
+    p.add_argument("output", help="a complete clipbatch output (local path or URL)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--class", dest="classes", action="append", metavar="NAME", help="a class (repeatable)")
+    source.add_argument("--classes-file", help="one class per line (local path or URL)")
+    p.add_argument("--template", dest="templates", action="append", metavar="T",
+                   help="a template with {} (repeatable), or one built-in set name; default: the output's own")
+    p.add_argument("--min-score", type=float, help="below this score the label is null (scores stay complete)")
+    p.add_argument("--unknown", metavar="NAME", help="the label below --min-score instead of null")
+    p.add_argument("--top-k", type=int, help="length of top_labels/top_scores; default: the output's")
+    p.add_argument("--out", required=True, help="where the new output goes (a new path)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for the outputs, e.g. endpoint_url=http://host:8333 (repeatable)")
+    p.set_defaults(func=cmd_relabel)
+
+
+def cmd_relabel(args) -> int:
+    from clipbatch.relabel import Relabel
+    from clipbatch.stored import parse_storage_options
+
+    job = Relabel(args.output, args.out, classes=args.classes, classes_file=args.classes_file,
+                  templates=args.templates, min_score=args.min_score, unknown=args.unknown, top_k=args.top_k,
+                  storage_options=parse_storage_options(args.storage_option))
+    print(f"clipbatch: relabeling {job.stored.url} with {len(job.classes)} classes x {len(job.templates)} "
+          f"templates (model {job.stored.metadata['model']}) into {job.out.url}", flush=True)
+    summary = job.run()
+    if not summary.skipped:
+        print(f"\nclipbatch: complete: {summary.rows:,} rows ({summary.errors:,} errors) relabeled at "
+              f"{summary.rows_per_s:,.0f} rows/s, {summary.seconds:.1f} s in all\nresults: {summary.output}",
+              flush=True)
+    return 0
+
+
+def add_search_parser(sub) -> None:
+    p = sub.add_parser("search", help="top-k rows of an output by cosine to a text or an image",
+                       description="Exact top-k rows of an output by cosine similarity between a query "
+                       "and the stored embeddings; no image is read again (except thumbnails for --html).")
+    p.add_argument("output", help="a clipbatch output (local path or URL)")
+    p.add_argument("query", nargs="?", help="text, encoded as written (no template)")
+    p.add_argument("--image", help="an image (path or URL) to search by instead of text")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--where", help="SQL filter on the output's columns, e.g. \"label = 'dog' AND score > 0.5\"")
+    p.add_argument("--json", action="store_true", help='print [{"id", "source", "score", "label"}, ...]')
+    p.add_argument("--html", metavar="FILE", help="also write a gallery page of the results' thumbnails")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for the output and the images, e.g. endpoint_url=... (repeatable)")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from clipbatch.search import as_json, format_results, image_query, search, text_query, write_html
+    from clipbatch.stored import StoredOutput, parse_storage_options
+
+    if (args.query is None) == (args.image is None):
+        raise SpecError("give a text query or --image PATH (one of them)")
+    if args.k < 1:
+        raise SpecError("-k must be at least 1")
+    storage_options = parse_storage_options(args.storage_option)
+    stored = StoredOutput(args.output, storage_options)
+    stored.require_embeddings("search")
+    member = stored.members[0]  # an ensemble is searched in its first model's embeddings
+    loaded = stored.load_model(member, device="cpu")
+    query = text_query(loaded, args.query) if args.image is None else \
+        image_query(loaded, args.image, member["preprocess_cfg"], storage_options)
+    del loaded  # the model is not needed for the scan
+    results = search(stored, query, args.k, args.where, column=member["embedding_column"])
+    print(as_json(results) if args.json else format_results(results))
+    if args.html:
+        write_html(args.html, f"clipbatch search: {args.query or args.image}", results, stored, storage_options)
+        if not args.json:
+            print(f"gallery: {args.html}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipbatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_validate)
     from clipbatch.demo.command import add_demo_parser
     add_demo_parser(sub)
+    add_relabel_parser(sub)
+    add_search_parser(sub)
+    from clipbatch.evaluate import add_eval_parser
+    add_eval_parser(sub)
     from clipbatch.submit import add_submit_parsers
     add_submit_parsers(sub)
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ line naming the problem instead of after a cluster has spun up.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -75,11 +76,41 @@ class ModelSpec(_Strict):
         return self
 
 
+class MemberSpec(ModelSpec):
+    """One model of an ensemble (``models:``): its probabilities count with ``weight``, and its
+    embedding is written to column ``embedding_<key>``."""
+
+    weight: float = Field(1.0, gt=0)
+    key: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_a_name(cls, v):
+        if v is not None and not re.fullmatch(r"[a-z0-9_]+", v):
+            raise ValueError("must be lowercase letters, digits and _ (it names the column embedding_<key>)")
+        return v
+
+    @property
+    def column_key(self) -> str:
+        """key, or one made from the model's name and pretrained tag: ViT-B-32 + openai -> vit_b_32_openai."""
+        if self.key:
+            return self.key
+        base = self.name.rstrip("/").rsplit("/", 1)[-1] + (f"_{self.pretrained}" if self.pretrained and not
+                                                            os.path.isfile(os.path.expanduser(self.pretrained))
+                                                            else "")
+        return re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_")
+
+
 class LabelsSpec(_Strict):
     classes: list[str] | None = None
     classes_file: str | None = None
     templates: Union[str, list[str]] = "openai"
+    templates_file: str | None = None
+    prompts_file: str | None = None
     top_k: int = Field(5, ge=1)
+    min_score: float | None = Field(None, ge=0, le=1)
+    unknown: str | None = None
+    temperature: float = Field(1.0, gt=0)
 
     @field_validator("classes")
     @classmethod
@@ -98,10 +129,6 @@ class LabelsSpec(_Strict):
     @classmethod
     def _templates_valid(cls, v):
         if isinstance(v, str):
-            from clipbatch.labels import template_set_names
-            if v not in template_set_names():
-                raise ValueError(f"unknown template set '{v}'; built-in sets: {', '.join(template_set_names())}"
-                                 " (or give a list of strings containing {})")
             return v
         if not v:
             raise ValueError("is empty")
@@ -114,6 +141,14 @@ class LabelsSpec(_Strict):
     def _one_class_source(self):
         if (self.classes is None) == (self.classes_file is None):
             raise ValueError("give exactly one of labels.classes or labels.classes_file")
+        if isinstance(self.templates, str) and self.templates_file is None:
+            from clipbatch.templates import template_set_names
+            if self.templates not in template_set_names():
+                raise ValueError(f"unknown template set '{self.templates}' in labels.templates; built-in sets: "
+                                 f"{', '.join(template_set_names())} (or give a list of strings containing {{}}, "
+                                 "or a labels.templates_file)")
+        if self.unknown is not None and self.min_score is None:
+            raise ValueError("unknown names the label of images below labels.min_score; set min_score too")
         return self
 
 
@@ -160,10 +195,35 @@ class ComputeSpec(_Strict):
 class JobSpec(_Strict):
     name: str = "clipbatch-job"
     input: InputSpec
-    model: ModelSpec
+    model: ModelSpec | None = None
+    models: list[MemberSpec] | None = None
     labels: LabelsSpec
     output: OutputSpec
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
+
+    @model_validator(mode="after")
+    def _one_model_source(self):
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give exactly one of model (one model) or models (an ensemble)")
+        if self.models is not None:
+            if len(self.models) < 2:
+                raise ValueError("models: an ensemble lists at least two models (use model: for one)")
+            keys = [m.column_key for m in self.models]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"models: two models would write the same column embedding_<key> ({keys}); "
+                                 "give each a distinct key")
+        return self
+
+    @property
+    def ensemble(self) -> bool:
+        return self.models is not None
+
+    @property
+    def members(self) -> list[MemberSpec]:
+        """The job's models: the ensemble's, or the one model as a member of weight 1."""
+        if self.models is not None:
+            return list(self.models)
+        return [MemberSpec(**self.model.model_dump())]
 
 
 def _format_error(err: ValidationError) -> str:

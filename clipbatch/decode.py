@@ -78,17 +78,8 @@ _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degree
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False,
-                 max_pixels: int | None = None) -> tuple[np.ndarray, int, int]:
-    """One encoded image -> (pixels HxWx3 uint8, original width, original height).
-
-    An image whose header announces more than max_pixels is refused before it is decoded
-    (a decompression bomb would otherwise take the worker's memory).
-
-    jpeg_draft lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the model's input
-    size): several times faster on large JPEGs, slightly different pixels from open_clip's.
-    """
-    geometry, (out_h, out_w) = _geometric_transform(preprocess_cfg_json)
+def _open(data: bytes, jpeg_draft: bool, draft_size: int, max_pixels: int | None) -> tuple[Image.Image, int, int]:
+    """Encoded bytes -> (upright RGB-convertible PIL image, original width, original height)."""
     if not data:
         raise ValueError("empty file")
     with Image.open(io.BytesIO(data)) as img:
@@ -99,13 +90,34 @@ def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False
         if img.getexif().get(0x0112) in _SWAPS_AXES:
             width, height = height, width
         if jpeg_draft and img.format == "JPEG":
-            img.draft("RGB", (max(out_h, out_w), max(out_h, out_w)))
+            img.draft("RGB", (draft_size, draft_size))
         img.load()
-        img = ImageOps.exif_transpose(img)
-    pixels = np.asarray(geometry(img), dtype=np.uint8)
+        return ImageOps.exif_transpose(img), width, height
+
+
+def _pixels(img: Image.Image, preprocess_cfg_json: str) -> np.ndarray:
+    pixels = np.asarray(_geometric_transform(preprocess_cfg_json)[0](img), dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"unexpected decoded shape {pixels.shape}")
-    return pixels, width, height
+    return pixels
+
+
+def _draft_size(cfgs_json: list[str]) -> int:
+    return max(max(_geometric_transform(c)[1]) for c in cfgs_json)
+
+
+def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False,
+                 max_pixels: int | None = None) -> tuple[np.ndarray, int, int]:
+    """One encoded image -> (pixels HxWx3 uint8, original width, original height).
+
+    An image whose header announces more than max_pixels is refused before it is decoded
+    (a decompression bomb would otherwise take the worker's memory).
+
+    jpeg_draft lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the model's input
+    size): several times faster on large JPEGs, slightly different pixels from open_clip's.
+    """
+    img, width, height = _open(data, jpeg_draft, _draft_size([preprocess_cfg_json]), max_pixels)
+    return _pixels(img, preprocess_cfg_json), width, height
 
 
 def _describe(exc: BaseException) -> str:
@@ -124,17 +136,26 @@ def _fetch_all(sources: list[str], storage_options: dict) -> list:
     return fs.cat_ranges([fs._strip_protocol(s) for s in sources], None, None, on_error="return")
 
 
+def pixels_column(i: int) -> str:
+    """The batch column of the i-th distinct preprocess config: pixels, pixels_1, pixels_2, ..."""
+    return "pixels" if i == 0 else f"pixels_{i}"
+
+
 def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
                     storage_options: dict, jpeg_draft: bool = False,
-                    max_pixels: int | None = None) -> dict[str, np.ndarray]:
+                    max_pixels: int | None = None, more_cfgs_json: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Ray Data batch -> the same batch with width, height, pixels and error.
 
     Image-file inputs arrive as {id, source} and are fetched here; shard inputs arrive with their
     bytes in ``data`` and the reader's ``error`` (see shards.py). Other columns pass through.
+    An ensemble whose models differ in input size passes their other preprocess configs as
+    more_cfgs_json: each image is fetched and decoded once and cut once per config, into
+    ``pixels_1``, ``pixels_2``, ...
     """
-    _, (height_px, width_px) = _geometric_transform(preprocess_cfg_json)
+    cfgs = [preprocess_cfg_json, *more_cfgs_json]
     n = len(batch["id"])
-    pixels = np.zeros((n, height_px, width_px, 3), dtype=np.uint8)
+    pixels = [np.zeros((n, *_geometric_transform(c)[1], 3), dtype=np.uint8) for c in cfgs]
+    draft_size = _draft_size(cfgs)
     widths = np.full(n, FAILED_SIZE, dtype=np.int32)
     heights = np.full(n, FAILED_SIZE, dtype=np.int32)
     if "data" in batch:
@@ -149,8 +170,11 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
         try:
             if isinstance(data, BaseException):
                 raise data
-            pixels[i], widths[i], heights[i] = decode_image(data, preprocess_cfg_json, jpeg_draft, max_pixels)
+            img, widths[i], heights[i] = _open(data, jpeg_draft, draft_size, max_pixels)
+            for out, cfg in zip(pixels, cfgs):
+                out[i] = _pixels(img, cfg)
         except Exception as exc:  # any failure of one image becomes that image's error
             errors[i] = _describe(exc)
     passed = {k: v for k, v in batch.items() if k not in ("data", "error")}
-    return {**passed, "width": widths, "height": heights, "pixels": pixels, "error": errors}
+    return {**passed, "width": widths, "height": heights, "error": errors,
+            **{pixels_column(k): p for k, p in enumerate(pixels)}}

@@ -1,105 +1,139 @@
-"""The inference actor: model on its device, normalization and precision there, scores out.
+"""The inference actor: model(s) on its device, normalization and precision there, scores out.
 
 Ray Data calls it with batches of uint8 pixels from the decode stage; the
-constructor loads the model once per actor. There is nothing Ray-specific in
-here, so tests call it directly.
+constructor loads the model once per actor. An ensemble's actor holds all its
+models and averages their probabilities with the members' weights (one pool of
+such actors, not one pool per model: see README, "Ensembles"). There is nothing
+Ray-specific in here, so tests call it directly.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from clipbatch.decode import FAILED_SIZE, NO_ERROR
-from clipbatch.labels import class_probabilities, top_k
+from clipbatch.labels import class_probabilities, label_columns
 from clipbatch.models import comparable_preprocess, load_model
-from clipbatch.schema import fixed_size_lists, output_schema, variable_lists
+from clipbatch.schema import fixed_size_lists, output_schema
+
+
+@dataclass
+class Member:
+    """One model of the job, as the actor needs it (a single-model job has one, of weight 1)."""
+
+    model_name: str                 # resolved open_clip name
+    pretrained: str | None
+    precision: str
+    weight: float = 1.0             # normalized over the members by the encoder
+    embedding_column: str = "embedding"
+    pixels_column: str = "pixels"   # which decoded size it takes (ensembles of different input sizes)
+    expected_preprocess: dict | None = None
+
+
+class _Loaded:
+    """A member's model on the device with its normalization constants and text head."""
+
+    def __init__(self, member: Member, device: str):
+        self.member = member
+        self.loaded = load_model(member.model_name, member.pretrained, device=device, precision=member.precision)
+        actual = comparable_preprocess(self.loaded.preprocess_cfg)
+        if member.expected_preprocess is not None and actual != member.expected_preprocess:
+            raise RuntimeError(f"images were prepared for {member.expected_preprocess} but the loaded model expects "
+                               f"{actual}; please report this with the model name")
+
+    def set_head(self, head: dict) -> None:
+        self.text_head = torch.from_numpy(np.array(head["text_head"], dtype=np.float32)).to(self.loaded.device)
+        self.logit_scale, self.logit_bias = head["logit_scale"], head["logit_bias"]
+
+    def embed(self, pixels: np.ndarray) -> torch.Tensor:
+        return embed_images(self.loaded, pixels)
 
 
 class ClipEncoder:
-    """Callable for ``map_batches``: {id, source, width, height, pixels, error} -> output rows."""
+    """Callable for ``map_batches``: {id, source, width, height, pixels[, pixels_1...], error} -> output rows.
 
-    def __init__(self, model_name: str, pretrained: str | None, device: str, precision: str,
-                 text_head: np.ndarray, classes: list[str], logit_scale: float, logit_bias: float | None,
-                 top_k: int, embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
-                 expected_preprocess: dict | None = None, carried: list[str] = (), node: str | None = None):
-        """node: where this actor runs, for its start-up line (default: the host name)."""
+    heads: per member {text_head [C, D], logit_scale, logit_bias}, in member order.
+    node: where this actor runs, for its start-up line (default: the host name).
+    """
+
+    def __init__(self, members: list[Member], device: str, heads, classes: list[str], top_k: int,
+                 embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
+                 carried: list[str] = (), temperature: float = 1.0, min_score: float | None = None,
+                 unknown: str | None = None, node: str | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.loaded = load_model(model_name, pretrained, device=device, precision=precision)
-        actual = comparable_preprocess(self.loaded.preprocess_cfg)
-        if expected_preprocess is not None and actual != expected_preprocess:
-            raise RuntimeError(f"images were prepared for {expected_preprocess} but the loaded model expects "
-                               f"{actual}; please report this with the model name")
-        self.device = self.loaded.device
-        self.classes = np.asarray(classes, dtype=object)
+        self.models = [_Loaded(m, device) for m in members]
+        total = sum(m.weight for m in members)
+        self.weights = [m.weight / total for m in members]
+        self.device = self.models[0].loaded.device
+        self.classes = pa.array(classes, pa.string())
         self.top_k = top_k
         self.embedding_dtype = embedding_dtype
         self.carried = list(carried)
-        self.use_text_head(text_head, logit_scale, logit_bias)
-        cfg = self.loaded.preprocess_cfg
-        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
-        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.loaded.precision,
-                                                                                torch.float32)
+        self.temperature, self.min_score, self.unknown = temperature, min_score, unknown
+        self.use_text_heads(heads)
         name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
+        models = ", ".join(f"{m.member.model_name} ({m.loaded.precision})" for m in self.models)
         print(f"clipbatch encoder on {node or platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
-              f"precision {self.loaded.precision}, batch size {batch_size}, torch threads "
-              f"{torch.get_num_threads()}", flush=True)
+              f"{models}, batch size {batch_size}, torch threads {torch.get_num_threads()}", flush=True)
 
-    def use_text_head(self, text_head: np.ndarray, logit_scale: float, logit_bias: float | None) -> None:
-        """Called once the model is loaded (a subclass may wait here for a head computed elsewhere)."""
-        self.text_head = torch.from_numpy(np.array(text_head, dtype=np.float32)).to(self.device)
-        self.logit_scale, self.logit_bias = logit_scale, logit_bias
-        self.schema = output_schema(len(self.classes), self.text_head.shape[1], self.embedding_dtype,
+    def use_text_heads(self, heads) -> None:
+        """Called once the models are loaded (a subclass may wait here for heads computed elsewhere)."""
+        for model, head in zip(self.models, heads):
+            model.set_head(head)
+        self.schema = output_schema(len(self.classes), {m.member.embedding_column: m.text_head.shape[1]
+                                                        for m in self.models}, self.embedding_dtype,
                                     carried=self.carried)
-
-    def embed(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D] on the device."""
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = ((x - self.mean) / self.std).to(self.input_dtype)
-        with torch.inference_mode():
-            # Normalized in float32, so that fp16/bf16 embeddings still have unit norm.
-            return torch.nn.functional.normalize(self.loaded.model.encode_image(x).float(), dim=-1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"].astype(str)
         valid = errors == NO_ERROR
-        n, num_classes = len(errors), len(self.classes)
-        dim = self.text_head.shape[1]
-        embeddings = np.zeros((n, dim), dtype=np.float32)
-        probs = np.zeros((n, num_classes), dtype=np.float32)
-        k = min(self.top_k, num_classes)
-        top_values = np.zeros((n, k), dtype=np.float32)
-        top_indices = np.zeros((n, k), dtype=np.int64)
+        n = len(errors)
+        embeddings = {m.member.embedding_column: np.zeros((n, m.text_head.shape[1]), dtype=np.float32)
+                      for m in self.models}
+        probs = torch.zeros((0, len(self.classes)))
         if valid.any():
-            emb = self.embed(np.ascontiguousarray(batch["pixels"][valid]))
-            p = class_probabilities(emb @ self.text_head.T, self.logit_scale, self.logit_bias)
-            top_values[valid], top_indices[valid] = top_k(p, k)
-            embeddings[valid] = emb.cpu().numpy()
-            probs[valid] = p.cpu().numpy()
+            probs = 0
+            for model, weight in zip(self.models, self.weights):
+                emb = model.embed(np.ascontiguousarray(batch[model.member.pixels_column][valid]))
+                probs = probs + weight * class_probabilities(emb @ model.text_head.T, model.logit_scale,
+                                                             model.logit_bias, self.temperature)
+                embeddings[model.member.embedding_column][valid] = emb.cpu().numpy()
         no_size = ~valid | (batch["width"] == FAILED_SIZE)
         columns = {
             "id": pa.array(batch["id"].astype(str), pa.string()),
             "source": pa.array(batch["source"].astype(str), pa.string()),
             "width": pa.array(batch["width"], pa.int32(), mask=no_size),
             "height": pa.array(batch["height"], pa.int32(), mask=no_size),
-            "label": pa.array(self.classes[top_indices[:, 0]], pa.string(), mask=~valid),
-            "score": pa.array(top_values[:, 0], pa.float32(), mask=~valid),
-            "top_labels": variable_lists(self.classes[top_indices], valid, pa.string()),
-            "top_scores": variable_lists(top_values, valid, pa.float32()),
-            "scores": fixed_size_lists(probs, valid, pa.float32()),
+            **label_columns(probs, valid, self.classes, self.top_k, self.min_score, self.unknown),
         }
         if self.embedding_dtype:
-            columns["embedding"] = fixed_size_lists(embeddings.astype(self.embedding_dtype), valid,
-                                                    self.schema.field("embedding").type.value_type)
+            for name, values in embeddings.items():
+                columns[name] = fixed_size_lists(values.astype(self.embedding_dtype), valid,
+                                                 self.schema.field(name).type.value_type)
         columns["error"] = pa.array(errors, pa.string(), mask=valid)
         for name in self.carried:
             # A column that is missing everywhere comes back from Ray's Arrow/numpy round trip as NaNs.
             columns[name] = pa.array([None if v is None or v != v else str(v) for v in batch[name]], pa.string())
         return pa.Table.from_pydict(columns, schema=self.schema)
+
+
+def embed_images(loaded, pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D]: the model's mean/std
+    normalization and precision applied on its device (the decode workers never load torch)."""
+    cfg = loaded.preprocess_cfg
+    mean = torch.tensor(cfg["mean"], device=loaded.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=loaded.device).view(1, 3, 1, 1)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(loaded.precision, torch.float32)
+    x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    x = ((x - mean) / std).to(dtype)
+    with torch.inference_mode():
+        # Normalized in float32, so that fp16/bf16 embeddings still have unit norm.
+        return torch.nn.functional.normalize(loaded.model.encode_image(x).float(), dim=-1)

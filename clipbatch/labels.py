@@ -1,81 +1,98 @@
-"""Classes and prompt templates -> the zero-shot head (one text embedding per class).
+"""Prompts -> the zero-shot head (one text embedding per class), and head x image embeddings -> scores.
 
-A class's embedding is the normalized mean of its normalized template
-embeddings (CLIP's prompt ensemble), computed by open_clip's own
-``build_zero_shot_classifier`` once per job.
+A class's embedding is the normalized mean of its normalized prompt embeddings
+(CLIP's prompt ensemble; with a single template per class this is exactly
+open_clip's ``build_zero_shot_classifier``). Which sentences a class gets is
+decided in templates.py.
 """
 
 from __future__ import annotations
 
-import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from clipbatch.config import LabelsSpec, SpecError
+TEXT_BATCH = 1024  # prompts per encode_text call: CuPL-style files can hold 50k sentences
 
 
-def _builtin_template_sets() -> dict[str, list[str]]:
-    from open_clip import zero_shot_metadata as meta
-
-    def as_strings(templates) -> list[str]:
-        return [t("{}") for t in templates]
-
-    return {
-        "openai": as_strings(meta.OPENAI_IMAGENET_TEMPLATES),
-        "simple": ["a photo of a {}."],
-        "simple-imagenet": as_strings(meta.SIMPLE_IMAGENET_TEMPLATES),
-    }
-
-
-def template_set_names() -> list[str]:
-    return list(_builtin_template_sets())
-
-
-def resolve_templates(templates: str | list[str]) -> list[str]:
-    if isinstance(templates, str):
-        return _builtin_template_sets()[templates]
-    return list(templates)
-
-
-def resolve_classes(labels: LabelsSpec, storage_options: dict | None = None) -> list[str]:
-    """The class list, from the spec or from a one-class-per-line file (any fsspec URL)."""
-    if labels.classes is not None:
-        return list(labels.classes)
-    try:
-        with fsspec.open(labels.classes_file, "r", encoding="utf-8", **(storage_options or {})) as f:
-            classes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    except FileNotFoundError:
-        raise SpecError(f"labels.classes_file: {labels.classes_file} not found") from None
-    if not classes:
-        raise SpecError(f"labels.classes_file: {labels.classes_file} holds no classes")
-    if len(set(classes)) != len(classes):
-        raise SpecError(f"labels.classes_file: {labels.classes_file} has duplicate classes")
-    return classes
-
-
-def build_text_head(loaded, classes: list[str], templates: list[str]) -> np.ndarray:
-    """[C, D] float32, L2-normalized rows, in class order."""
-    from open_clip import build_zero_shot_classifier
-
+def build_text_head(loaded, prompts: list[list[str]]) -> np.ndarray:
+    """[C, D] float32, L2-normalized rows, in class order; prompts[c] are class c's sentences."""
+    flat = [s for sentences in prompts for s in sentences]
+    chunks = []
     with torch.inference_mode():
-        weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classes, templates,
-                                             num_classes_per_batch=max(1, 4096 // len(templates)),
-                                             device=loaded.device)
-    return weights.T.float().cpu().numpy()
+        for start in range(0, len(flat), TEXT_BATCH):
+            tokens = loaded.tokenizer(flat[start:start + TEXT_BATCH]).to(loaded.device)
+            chunks.append(torch.nn.functional.normalize(loaded.model.encode_text(tokens).float(), dim=-1))
+    embedded = torch.cat(chunks)
+    bounds = np.cumsum([0] + [len(s) for s in prompts])
+    head = torch.stack([embedded[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+    return torch.nn.functional.normalize(head, dim=-1).cpu().numpy()
 
 
-def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: float | None) -> torch.Tensor:
+def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: float | None,
+                        temperature: float = 1.0) -> torch.Tensor:
     """The model's own zero-shot probabilities from cosine similarities [B, C].
 
     CLIP: softmax over classes of logit_scale * cos. SigLIP-style models (with a
-    logit_bias) score each class independently: sigmoid(scale * cos + bias).
+    logit_bias) score each class independently: sigmoid(scale * cos + bias). A
+    temperature (labels.temperature, fitted by ``clipbatch eval --calibrate``)
+    divides the logits; 1.0 leaves the model's own probabilities.
     """
     logits = logit_scale * cosine.float()
     if logit_bias is not None:
-        return torch.sigmoid(logits + logit_bias)
-    return torch.softmax(logits, dim=-1)
+        return torch.sigmoid((logits + logit_bias) / temperature)
+    return torch.softmax(logits / temperature, dim=-1)
 
 
-def top_k(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return values.cpu().numpy(), indices.cpu().numpy()
+def member_logits(embeddings: dict[str, np.ndarray], heads: dict[str, np.ndarray], members: list[dict]) -> list:
+    """Per model of a job (see evaluate.job_members): logit_scale * cos(stored embedding, class)
+    (+ logit_bias), at temperature 1, in float64. Stored embeddings are L2-normalized, so no image
+    is read; float16 storage moves the scores by about 1e-4."""
+    return [m["logit_scale"] * embeddings[m["embedding_column"]].astype(np.float64)
+            @ heads[m["embedding_column"]].T.astype(np.float64) + (m["logit_bias"] or 0.0) for m in members]
+
+
+def scores_from_logits(logits: list[np.ndarray], members: list[dict], temperature: float = 1.0) -> np.ndarray:
+    """[N, C] the job's scores from its models' logits: the weighted mean of their probabilities
+    (one model: its own probabilities), by the same rule as class_probabilities, in numpy."""
+    from clipbatch.metrics import probabilities
+
+    total = sum(m["weight"] for m in members)
+    return sum(m["weight"] / total * probabilities(z, m["logit_bias"] is not None, temperature)
+               for z, m in zip(logits, members))
+
+
+def label_columns(probs: torch.Tensor, valid: np.ndarray, classes: pa.Array, k: int,
+                  min_score: float | None = None, unknown: str | None = None) -> dict[str, pa.Array]:
+    """The output's label, score, top_labels, top_scores and scores columns for n rows.
+
+    probs [n_valid, C] are the class probabilities of the rows where valid is True; the other
+    rows get nulls. Below min_score the label is ``unknown`` (None: null) while the scores stay
+    the model's. A job's encoders and ``clipbatch relabel`` both label here, so the two give the
+    same numbers for the same probabilities.
+    """
+    from clipbatch.schema import fixed_size_lists
+
+    n, num_classes = len(valid), len(classes)
+    k = min(k, num_classes)
+    all_probs = np.zeros((n, num_classes), dtype=np.float32)
+    top_values = np.zeros((n, k), dtype=np.float32)
+    top_indices = np.zeros((n, k), dtype=np.int64)
+    if valid.any():
+        values, indices = probs.topk(k, dim=-1)
+        top_values[valid], top_indices[valid] = values.cpu().numpy(), indices.cpu().numpy()
+        all_probs[valid] = probs.cpu().numpy()
+    invalid = pa.array(~valid)
+    unsure = valid & (top_values[:, 0] < min_score) if min_score is not None else np.zeros(n, dtype=bool)
+    label = classes.take(pa.array(top_indices[:, 0], mask=~valid | unsure))
+    if unknown is not None and unsure.any():
+        label = pc.if_else(pa.array(unsure), pa.scalar(unknown, pa.string()), label)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
+    return {
+        "label": label,
+        "score": pa.array(top_values[:, 0], pa.float32(), mask=~valid),
+        "top_labels": pa.ListArray.from_arrays(offsets, classes.take(top_indices.reshape(-1)), mask=invalid),
+        "top_scores": pa.ListArray.from_arrays(offsets, pa.array(top_values.reshape(-1)), mask=invalid),
+        "scores": fixed_size_lists(all_probs, valid, pa.float32()),
+    }

@@ -21,14 +21,17 @@ import pyarrow.compute as pc
 
 from clipbatch import __version__
 from clipbatch.config import JobSpec, SpecError, load_spec
-from clipbatch.encoder import ClipEncoder
-from clipbatch.labels import build_text_head, resolve_classes, resolve_templates
+from clipbatch.decode import pixels_column
+from clipbatch.encoder import ClipEncoder, Member
+from clipbatch.labels import build_text_head
 from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
-from clipbatch.progress import ProgressCounter, ProgressReporter
+from clipbatch.progress import ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
-from clipbatch.sinks import MANIFEST, SUCCESS, OutputDir, ParquetPartsDatasink
+from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, head_file
+from clipbatch.sinks import ParquetPartsDatasink
 from clipbatch.shards import carried_name
 from clipbatch.sources import input_format, list_images
+from clipbatch.templates import ClassPrompts, resolve_prompts
 
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
@@ -95,27 +98,63 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def fingerprint(spec: JobSpec, classes: list[str], templates: list[str]) -> dict:
+def fingerprint(spec: JobSpec, prompts: ClassPrompts) -> dict:
     """What decides the results: a resume must not mix outputs that differ in any of it."""
-    return {"model": spec.model.name, "pretrained": spec.model.pretrained, "precision": spec.model.precision,
-            "classes": classes, "templates": templates,
+    labels, members = spec.labels, spec.members
+
+    def each(attr: str):
+        values = [getattr(m, attr) for m in members]
+        return values if spec.ensemble else values[0]
+
+    return {"model": each("name"), "pretrained": each("pretrained"), "precision": each("precision"),
+            **({"weights": each("weight"), "keys": each("column_key")} if spec.ensemble else {}),
+            "classes": prompts.names, "templates": prompts.templates, "prompts": prompts.digest(),
+            "temperature": labels.temperature, "min_score": labels.min_score, "unknown": labels.unknown,
             "embedding_dtype": spec.output.embedding_dtype if spec.output.embeddings else None}
 
 
-def _prepare_text_head(model_name, pretrained, device, precision, classes, templates, metadata,
-                       embedding_dtype, carried) -> tuple[dict, pa.Schema]:
-    """Runs once per job, as a Ray task placed like an encoder actor, while the pipeline starts.
+def _prepared(heads: list[dict], metadata: dict, columns: list[str], embedding_dtype,
+              carried) -> tuple[dict, pa.Schema]:
+    """The text heads for the encoders and the output schema for the sink, with each model's
+    precision, logit scale and bias in its metadata (top level for one model, per member in
+    ``ensemble`` for several)."""
+    runtime = [{"precision": h["precision"], "logit_scale": h["logit_scale"], "logit_bias": h["logit_bias"],
+                "embedding_dim": int(h["text_head"].shape[1])} for h in heads]
+    if "ensemble" in metadata:
+        metadata = {**metadata, "ensemble": [{**m, **r} for m, r in zip(metadata["ensemble"], runtime)]}
+    else:
+        metadata = {**metadata, **runtime[0]}
+    prepared = {"heads": heads, "metadata": metadata, "seconds": time.time()}
+    dims = {column: h["text_head"].shape[1] for column, h in zip(columns, heads)}
+    return prepared, output_schema(heads[0]["text_head"].shape[0], dims, embedding_dtype, metadata, carried)
 
-    Returns the text head for the encoders and the output schema (with the model's logit scale
-    and bias in its metadata) for the sink.
-    """
-    loaded = load_model(model_name, pretrained, device=device, precision=precision)
-    head = build_text_head(loaded, classes, templates)
-    metadata = {**metadata, "precision": loaded.precision, "logit_scale": loaded.logit_scale,
-                "logit_bias": loaded.logit_bias, "embedding_dim": int(head.shape[1])}
-    prepared = {"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": loaded.logit_bias,
-                "metadata": metadata, "seconds": time.time()}
-    return prepared, output_schema(len(classes), head.shape[1], embedding_dtype, metadata, carried)
+
+def _prepare_text_heads(models: list[tuple], device, prompts, metadata, columns, embedding_dtype,
+                        carried) -> tuple[dict, pa.Schema]:
+    """Runs once per job, as a Ray task placed like an encoder actor, while the pipeline starts.
+    models: (resolved name, pretrained, precision) per member, loaded one after the other."""
+    heads = []
+    for name, pretrained, precision in models:
+        loaded = load_model(name, pretrained, device=device, precision=precision)
+        heads.append({"text_head": build_text_head(loaded, prompts), "logit_scale": loaded.logit_scale,
+                      "logit_bias": loaded.logit_bias, "precision": loaded.precision})
+        del loaded
+    return _prepared(heads, metadata, columns, embedding_dtype, carried)
+
+
+class ProgressCounter:
+    """Rows done so far, added to by every encoder actor (a Ray actor with no CPU of its own)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+
+    def add(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+
+    def read(self) -> tuple[int, int]:
+        return self.rows, self.errors
 
 
 class _CountingEncoder(ClipEncoder):
@@ -129,14 +168,13 @@ class _CountingEncoder(ClipEncoder):
 
         self.counter = counter
         node = f"{platform.node()} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
-        super().__init__(text_head=prepared, logit_scale=None, logit_bias=None, node=node, **kwargs)
+        super().__init__(heads=prepared, node=node, **kwargs)
 
-    def use_text_head(self, prepared, logit_scale, logit_bias) -> None:
+    def use_text_heads(self, prepared) -> None:
         import ray
 
-        # Reached after this actor has loaded its model: the two loads run side by side.
-        prepared = ray.get(prepared)
-        super().use_text_head(prepared["text_head"], prepared["logit_scale"], prepared["logit_bias"])
+        # Reached after this actor has loaded its models: the two loads run side by side.
+        super().use_text_heads(ray.get(prepared)["heads"])
 
     def __call__(self, batch):
         table = super().__call__(batch)
@@ -155,17 +193,25 @@ class Job:
         started = time.time()
         self.spec = spec
         try:
-            check_hub_model(spec.model.name)
+            for member in spec.members:
+                check_hub_model(member.name)
         except ValueError as exc:
             raise SpecError(str(exc)) from None
-        self.preprocess_cfg = preprocess_config(spec.model.name, spec.model.pretrained)
-        self.classes = resolve_classes(spec.labels, spec.input.storage_options)
-        self.templates = resolve_templates(spec.labels.templates)
+        self.preprocess_cfgs = [preprocess_config(m.name, m.pretrained) for m in spec.members]
+        self.preprocess_cfg = self.preprocess_cfgs[0]
+        # Each image is decoded once, and cut once per distinct input size/preprocessing.
+        self.decode_cfgs = [c for i, c in enumerate(self.preprocess_cfgs) if c not in self.preprocess_cfgs[:i]]
+        self.members = [Member(resolve_model_name(m.name), m.pretrained, m.precision, m.weight,
+                               f"embedding_{m.column_key}" if spec.ensemble else "embedding",
+                               pixels_column(self.decode_cfgs.index(cfg)), cfg)
+                        for m, cfg in zip(spec.members, self.preprocess_cfgs)]
+        self.prompts = resolve_prompts(spec.labels, spec.input.storage_options)
+        self.classes, self.templates = self.prompts.names, self.prompts.templates
         self.format = input_format(spec.input)
         self.carried = [carried_name(k) for k in spec.input.keep]  # output columns of input.keep
         self.listing = list_images(spec.input)
         self.out = OutputDir(spec.output.path, spec.output.storage_options)
-        self.fingerprint = fingerprint(spec, self.classes, self.templates)
+        self.fingerprint = fingerprint(spec, self.prompts)
         self.listing_seconds = time.time() - started
 
     def describe(self, sample: int = 5) -> str:
@@ -179,12 +225,15 @@ class Job:
                  *(["           ..."] if n > sample else []),
                  f"classes    {len(self.classes)}: {', '.join(self.classes[:10])}"
                  f"{' ...' if len(self.classes) > 10 else ''}",
-                 f"templates  {len(self.templates)}"
-                 f"{' (' + s.labels.templates + ')' if isinstance(s.labels.templates, str) else ''}: "
-                 f"{self.templates[0]!r}{' ...' if len(self.templates) > 1 else ''}",
-                 f"model      {s.model.name}"
-                 f"{' pretrained=' + s.model.pretrained if s.model.pretrained else ''}, precision "
-                 f"{s.model.precision}",
+                 f"templates  {len(self.templates)} ({self.prompts.templates_name}): "
+                 f"{self.templates[0]!r}{' ...' if len(self.templates) > 1 else ''}"
+                 + (f"; {len(self.prompts.custom)} class(es) with synonyms or own prompts" if self.prompts.custom
+                    else ""),
+                 *[f"{'model' if i == 0 else '':<11}{m.name}{' pretrained=' + m.pretrained if m.pretrained else ''}, "
+                   f"precision {m.precision}"
+                   + (f", weight {e.weight / sum(x.weight for x in self.members):.3g} -> {e.embedding_column}"
+                      if s.ensemble else "")
+                   for i, (m, e) in enumerate(zip(s.members, self.members))],
                  f"device     {s.compute.device} (auto: GPU actors where Ray reports GPUs, else CPU)"
                  if s.compute.device == "auto" else f"device     {s.compute.device}",
                  f"output     {self.out.url} (mode {s.output.mode})"]
@@ -215,14 +264,20 @@ class Job:
 
     def _with_done(self, listing: pa.Table, written: pa.Table) -> pa.Table:
         """Images: the listing minus what is written. Shards (whose rows are only known once read):
-        every shard, each with the ids of its rows already written, for the reader to skip."""
+        the shards not known to be finished (a recorded row count that all its written rows
+        reach), each with the ids of its rows already written, for the reader to skip."""
+        from clipbatch.shards import read_shard_records
+
         if self.format == "images":
             done = written["id"].combine_chunks()
             return listing.filter(pc.invert(pc.is_in(listing["id"], value_set=done)))
         by_shard = written.group_by("source").aggregate([("id", "list")])
         done = dict(zip(by_shard["source"].to_pylist(), by_shard["id_list"].to_pylist()))
-        return listing.append_column("done", pa.array([done.get(s, []) for s in listing["source"].to_pylist()],
-                                                      pa.list_(pa.string())))
+        records = read_shard_records(self.out) if done else {}
+        sources = listing["source"].to_pylist()
+        unfinished = [records.get(s) != len(done.get(s, [])) for s in sources]
+        listing = listing.append_column("done", pa.array([done.get(s, []) for s in sources], pa.list_(pa.string())))
+        return listing.filter(pa.array(unfinished, pa.bool_()))
 
     def run(self) -> RunSummary:
         import ray
@@ -240,21 +295,22 @@ class Job:
 
         t0 = time.time()
         embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None
-        metadata = {"clipbatch_version": __version__, "model": self.spec.model.name,
-                    "pretrained": self.spec.model.pretrained, "classes": self.classes,
-                    "templates": self.templates, "preprocess_cfg": self.preprocess_cfg,
+        metadata = {"clipbatch_version": __version__, **self._model_metadata(), "classes": self.classes,
+                    "templates": self.templates, "templates_name": self.prompts.templates_name,
+                    "custom_prompts": self.prompts.custom, "temperature": self.spec.labels.temperature,
+                    "min_score": self.spec.labels.min_score, "unknown": self.spec.labels.unknown,
                     "fingerprint": self.fingerprint}
 
         def head_args(device: str) -> tuple:
-            return (resolve_model_name(self.spec.model.name), self.spec.model.pretrained, device,
-                    self.spec.model.precision, self.classes, self.templates, metadata, embedding_dtype,
-                    self.carried)
+            return ([(m.model_name, m.pretrained, m.precision) for m in self.members], device,
+                    self.prompts.prompts, metadata, self.columns, embedding_dtype, self.carried)
 
         # A local run without GPUs builds the text head right here while Ray starts, instead of in
         # one more worker process competing for the same few cores with the encoder's start-up.
-        in_driver = self._local_cpu_only()
+        stored = self._stored_text_head(metadata, embedding_dtype)
+        in_driver = stored is None and self._local_cpu_only()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            head_here = pool.submit(_prepare_text_head, *head_args("cpu")) if in_driver else None
+            head_here = pool.submit(_prepare_text_heads, *head_args("cpu")) if in_driver else None
             dashboard = init_ray()
             if dashboard:
                 print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
@@ -268,28 +324,59 @@ class Job:
                   f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
                   f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
                   f"batch {plan.batch_size}", flush=True)
-            if head_here is not None:
-                prepared, schema = (ray.put(part) for part in head_here.result())
+            if stored is not None or head_here is not None:
+                prepared, schema = (ray.put(part) for part in (stored or head_here.result()))
             else:
                 gpus = plan.gpus_per_actor if plan.device == "cuda" else 0  # logical GPUs compute on CPU
-                prepared, schema = ray.remote(_prepare_text_head).options(
+                prepared, schema = ray.remote(_prepare_text_heads).options(
                     num_cpus=0.5, num_gpus=gpus, num_returns=2).remote(*head_args(plan.device))
         ray_ready = time.time()
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
                                     self.spec.output.rows_per_part)
         if todo.num_rows:
             # On the driver's node, so that losing a worker node never loses the progress count.
-            counter = ProgressCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True)).remote()
-            with ProgressReporter(counter, todo.num_rows):
+            counter = ray.remote(num_cpus=0)(ProgressCounter).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                   soft=True)).remote()
+            with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
                 dataset = self._dataset(todo, plan, prepared, embedding_dtype, counter)
                 dataset.write_datasink(sink)
             if os.environ.get("CLIPBATCH_RAY_STATS"):
                 print(dataset.stats(), flush=True)
         head = ray.get(prepared)
-        return self._finish(sink, head["metadata"], plan, started, {
+        return self._finish(sink, head, plan, started, {
             "listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
             "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)})
+
+    @property
+    def columns(self) -> list[str]:
+        """The embedding column of each model, in member order."""
+        return [m.embedding_column for m in self.members]
+
+    def _model_metadata(self) -> dict:
+        """Which model(s) made the output: top-level keys for one model, a list for an ensemble."""
+        if not self.spec.ensemble:
+            return {"model": self.spec.model.name, "pretrained": self.spec.model.pretrained,
+                    "preprocess_cfg": self.preprocess_cfg}
+        return {"model": "ensemble", "pretrained": None,
+                "ensemble": [{"model": spec.name, "pretrained": spec.pretrained, "weight": m.weight,
+                              "embedding_column": m.embedding_column, "preprocess_cfg": m.expected_preprocess}
+                             for spec, m in zip(self.spec.members, self.members)]}
+
+    def _stored_text_head(self, metadata: dict, embedding_dtype) -> tuple[dict, pa.Schema] | None:
+        """The heads an earlier run of this same job saved (_text_head*.npy), so that a resume does
+        not build them again; None when there are none or they were made for anything else."""
+        if not all(self.out.exists(head_file(c)) for c in self.columns):
+            return None
+        manifest = self.out.read_manifest()
+        if not manifest or manifest.get("fingerprint") != self.fingerprint:
+            return None
+        runtime = manifest.get("ensemble") or [manifest]
+        heads = [{"text_head": self.out.read_head(c), "logit_scale": r["logit_scale"],
+                  "logit_bias": r["logit_bias"], "precision": r["precision"]} for c, r in zip(self.columns, runtime)]
+        if any(h["text_head"].shape[0] != len(self.classes) for h in heads):
+            return None
+        return _prepared(heads, metadata, self.columns, embedding_dtype, self.carried)
 
     def _local_cpu_only(self) -> bool:
         """True when this run will start its own Ray on a machine without CUDA (a laptop, CI)."""
@@ -312,10 +399,12 @@ class Job:
             rows = ray.data.from_arrow([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
                 read_shards, batch_size=1, num_cpus=DECODE_CPUS,
                 fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
-                           "image_column": inputs.image_column, "id_column": inputs.id_column})
+                           "image_column": inputs.image_column, "id_column": inputs.id_column,
+                           "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
         return (rows
                 .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
-                             fn_kwargs={"preprocess_cfg_json": json.dumps(self.preprocess_cfg),
+                             fn_kwargs={"preprocess_cfg_json": json.dumps(self.decode_cfgs[0]),
+                                        "more_cfgs_json": tuple(json.dumps(c) for c in self.decode_cfgs[1:]),
                                         "storage_options": self.spec.input.storage_options,
                                         "jpeg_draft": self.spec.input.jpeg_draft,
                                         "max_pixels": self.spec.input.max_pixels})
@@ -324,16 +413,17 @@ class Job:
                                                                 max_size=plan.max_actors),
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
                              fn_constructor_kwargs={
-                                 "counter": counter, "prepared": prepared,
-                                 "model_name": resolve_model_name(self.spec.model.name),
-                                 "pretrained": self.spec.model.pretrained, "device": plan.device,
-                                 "precision": self.spec.model.precision, "classes": self.classes,
+                                 "counter": counter, "prepared": prepared, "members": self.members,
+                                 "device": plan.device, "classes": self.classes,
                                  "top_k": self.spec.labels.top_k, "embedding_dtype": embedding_dtype,
                                  "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
-                                 "expected_preprocess": self.preprocess_cfg, "carried": self.carried}))
+                                 "carried": self.carried,
+                                 "temperature": self.spec.labels.temperature,
+                                 "min_score": self.spec.labels.min_score, "unknown": self.spec.labels.unknown}))
 
-    def _finish(self, sink: ParquetPartsDatasink, metadata: dict, plan: ComputePlan, started: float,
+    def _finish(self, sink: ParquetPartsDatasink, head: dict, plan: ComputePlan, started: float,
                 timings: dict) -> RunSummary:
+        metadata = head["metadata"]
         parts = self.out.parts()
         written = self.out.written_rows()
         ids = written["id"].combine_chunks()
@@ -356,9 +446,14 @@ class Job:
                     "counts": {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows,
                                **({} if self.format == "images" else {"shards": self.listing.num_rows})},
                     "format": self.format,
+                    **({"input_columns": {"image_column": self.spec.input.image_column,
+                                          "id_column": self.spec.input.id_column}}
+                       if self.format == "parquet" else {}),
                     "timings": timings, "parts": [p.rsplit("/", 1)[-1] for p in parts],
                     "fingerprint": self.fingerprint, "complete": complete,
                     "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for column, h in zip(self.columns, head["heads"]):
+            self.out.write_head(h["text_head"], column)
         self.out.write_text(MANIFEST, json.dumps(manifest, indent=2))
         if complete:
             self.out.write_text(SUCCESS, "")

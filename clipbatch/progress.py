@@ -1,8 +1,9 @@
-"""Progress while a job runs: rows done / total, img/s and ETA, from counts the encoders report.
+"""Progress while work runs: rows done / total, rows/s and ETA.
 
-Encoder actors add their batch counts to a tiny counter actor; a driver thread
-reads it and prints one updating line on a terminal, or a line every
-``interval`` seconds into a log.
+A driver thread asks ``read()`` for (rows, errors) so far (in a job, encoder
+actors add to a tiny counter actor; relabel counts in its own process) and
+prints one updating line on a terminal, or a line every ``interval`` seconds
+into a log.
 """
 
 from __future__ import annotations
@@ -10,22 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-
-import ray
-
-
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    def __init__(self):
-        self.rows = 0
-        self.errors = 0
-
-    def add(self, rows: int, errors: int) -> None:
-        self.rows += rows
-        self.errors += errors
-
-    def read(self) -> tuple[int, int]:
-        return self.rows, self.errors
+from typing import Callable
 
 
 def _duration(seconds: float) -> str:
@@ -35,18 +21,20 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def format_progress(done: int, total: int, errors: int, elapsed: float, rate: float) -> str:
+def format_progress(done: int, total: int, errors: int, elapsed: float, rate: float, unit: str = "images") -> str:
     pct = 100.0 * done / total if total else 100.0
     eta = _duration((total - done) / rate) if rate > 0 else "?"
-    return (f"clipbatch: {done:,}/{total:,} images ({pct:.1f}%), {rate:.1f} img/s, ETA {eta}, "
+    per_s = "img/s" if unit == "images" else f"{unit}/s"
+    return (f"clipbatch: {done:,}/{total:,} {unit} ({pct:.1f}%), {rate:,.1f} {per_s}, ETA {eta}, "
             f"{errors:,} errors, {_duration(elapsed)} elapsed")
 
 
 class ProgressReporter:
-    """Context manager: prints progress from a ProgressCounter until the block ends."""
+    """Context manager: prints progress from read() -> (rows, errors) until the block ends."""
 
-    def __init__(self, counter, total: int, interval: float | None = None, stream=None):
-        self.counter, self.total = counter, total
+    def __init__(self, read: Callable[[], tuple[int, int]], total: int, interval: float | None = None,
+                 stream=None, unit: str = "images"):
+        self.read, self.total, self.unit = read, total, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (1.0 if self.tty else 15.0)
@@ -56,7 +44,7 @@ class ProgressReporter:
         self.first: tuple[float, int] | None = None  # (time, rows) when rows were first seen
 
     def _line(self) -> str:
-        done, errors = ray.get(self.counter.read.remote())
+        done, errors = self.read()
         now = time.time()
         if done and self.first is None:
             self.first = (now, done)
@@ -65,7 +53,7 @@ class ProgressReporter:
             rate = (done - self.first[1]) / (now - self.first[0])
         else:
             rate = done / (now - self.started) if done else 0.0
-        return format_progress(done, self.total, errors, now - self.started, rate)
+        return format_progress(done, self.total, errors, now - self.started, rate, self.unit)
 
     def _print(self, final: bool = False) -> None:
         """One progress line: rewritten in place on a terminal, appended in a log."""

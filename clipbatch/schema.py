@@ -10,10 +10,11 @@ import pyarrow as pa
 METADATA_KEY = b"clipbatch"
 
 
-def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
+def output_schema(num_classes: int, embeddings: dict[str, int], embedding_dtype: str | None,
                   metadata: dict | None = None, carried: list[str] = ()) -> pa.Schema:
-    """embedding_dtype None means the job keeps no embedding column; carried columns (input.keep)
-    come last, as strings."""
+    """embeddings: column name -> dimension (``embedding`` for one model, ``embedding_<key>`` per
+    model of an ensemble); embedding_dtype None means the job keeps no embedding column; carried
+    columns (input.keep) come last, as strings."""
     fields = [
         pa.field("id", pa.string()),
         pa.field("source", pa.string()),
@@ -27,7 +28,7 @@ def output_schema(num_classes: int, embed_dim: int, embedding_dtype: str | None,
     ]
     if embedding_dtype:
         value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
-        fields.append(pa.field("embedding", pa.list_(value_type, embed_dim)))
+        fields += [pa.field(name, pa.list_(value_type, dim)) for name, dim in embeddings.items()]
     fields.append(pa.field("error", pa.string()))
     fields += [pa.field(name, pa.string()) for name in carried]
     schema = pa.schema(fields)
@@ -46,10 +47,8 @@ def fixed_size_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataT
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
 
 
-def variable_lists(values: np.ndarray, valid: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """[N, K] numpy -> list<K> per valid row, null elsewhere."""
-    rows = values[valid]
-    lengths = np.where(valid, values.shape[1], 0)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1), type=value_type),
-                                    mask=pa.array(~valid))
+def matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """fixed_size_list<K> without nulls (scores, embedding of valid rows) -> [N, K] numpy."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = array.type.list_size
+    return np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)

@@ -5,6 +5,12 @@ shard never becomes one huge block. A shard that is missing, empty, truncated
 or corrupt never stops the job: the members read before the damage are
 processed, and the damage itself becomes an error row ``<shard>#error``.
 Rows whose id is listed in ``done`` (a resumed job) are skipped.
+
+When a shard has been read to its end (or to its damage), the reader records
+how many rows it holds in the output's ``_shards/`` folder. A resumed job skips
+a shard whose recorded count equals its rows already written, instead of
+reading the whole shard again only to skip every sample: the count is only a
+claim about the shard, so "done" is still decided by the rows in the output.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import posixpath
 import tarfile
 from typing import Iterator
 
+import hashlib
+
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +30,21 @@ from clipbatch.decode import NO_ERROR
 from clipbatch.sources import IMAGE_EXTENSIONS
 
 ROWS_PER_BATCH = 64
+SHARD_INDEX = "_shards"  # folder of the output: one small JSON per shard read to its end
+
+
+def shard_record_name(source: str) -> str:
+    return f"{SHARD_INDEX}/{hashlib.sha256(source.encode()).hexdigest()[:24]}.json"
+
+
+def read_shard_records(out) -> dict[str, int]:
+    """{shard source: rows it holds} for every shard an earlier run read to its end."""
+    paths = out.fs.glob(out.join(f"{SHARD_INDEX}/*.json"))
+    if not paths:
+        return {}
+    contents = out.fs.cat(paths)  # concurrent on object stores
+    records = [json.loads(c) for c in (contents.values() if isinstance(contents, dict) else [contents])]
+    return {r["source"]: r["rows"] for r in records}
 
 
 def carried_name(key: str) -> str:
@@ -41,6 +64,11 @@ class _Rows:
     def __init__(self, source: str, keep: list[str]):
         self.source, self.keep = source, keep
         self.rows: list[tuple] = []
+        self.seen = 0  # every row of the shard, including those skipped as done
+
+    def is_new(self, row_id: str, done: set) -> bool:
+        self.seen += 1
+        return row_id not in done
 
     def add(self, row_id: str, data: bytes | None, error: str, carried: dict) -> None:
         self.rows.append((row_id, data, error, [_as_text(carried.get(k)) for k in self.keep]))
@@ -102,7 +130,7 @@ def _read_webdataset(f, shard_id: str, rows: _Rows, done: set, keep: list[str]) 
         samples += 1
         row_id = f"{shard_id}/{key}"
         image_ext = next((e for e in sample if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
-        if row_id in done:
+        if not rows.is_new(row_id, done):
             continue
         carried = _carried_from_sample(sample, keep)
         if image_ext is None:
@@ -128,7 +156,7 @@ def _read_parquet(f, shard_id: str, rows: _Rows, done: set, keep: list[str], ima
         for i, data in enumerate(table[image_column]):
             row_id = str(table[id_column][i]) if id_column else f"{shard_id}#{row_number}"
             row_number += 1
-            if row_id in done:
+            if not rows.is_new(row_id, done):
                 continue
             carried = {k: table[k][i] for k in keep}
             rows.add(row_id, data, NO_ERROR if data else f"no image bytes in column {image_column!r}", carried)
@@ -137,8 +165,10 @@ def _read_parquet(f, shard_id: str, rows: _Rows, done: set, keep: list[str], ima
 
 
 def read_shards(batch: dict[str, np.ndarray], fmt: str, storage_options: dict, keep: list[str],
-                image_column: str = "image", id_column: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch of shards {id, source, done} -> batches of {id, source, data, error, <kept>}."""
+                image_column: str = "image", id_column: str | None = None, output_url: str | None = None,
+                output_storage_options: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch of shards {id, source, done} -> batches of {id, source, data, error, <kept>}.
+    With output_url, each shard's row count is recorded there once the shard has been read."""
     for shard_id, source, done in zip(batch["id"], batch["source"], batch["done"]):
         shard_id = str(shard_id).removesuffix(".tar") if fmt == "webdataset" else str(shard_id)
         rows = _Rows(str(source), keep)
@@ -150,8 +180,13 @@ def read_shards(batch: dict[str, np.ndarray], fmt: str, storage_options: dict, k
                 else:
                     yield from _read_parquet(f, shard_id, rows, done, keep, image_column, id_column)
         except Exception as exc:  # a damaged shard: keep what was read, record the damage
-            if f"{shard_id}#error" not in done:
+            if rows.is_new(f"{shard_id}#error", done):
                 reason = f"{type(exc).__name__}: {str(exc).strip() or 'no detail'}"[:300]
                 rows.add(f"{shard_id}#error", None, f"unreadable shard: {reason}", {})
         if rows.rows:
             yield rows.flush()
+        if output_url is not None:
+            from clipbatch.outputs import OutputDir
+
+            OutputDir(output_url, output_storage_options or {}).write_text(
+                shard_record_name(str(source)), json.dumps({"source": str(source), "rows": rows.seen}))

@@ -34,3 +34,16 @@ def test_smoke_compare(tmp_path):
 def test_listing_plans_without_reading(tmp_path):
     record = run_bench(tmp_path, "--listing", "20000")["listing"]
     assert record["uris"] == 20000 and record["plan_s"] < 60
+
+
+def test_reuse_bench_smoke(tmp_path):
+    """bench/reuse.py end to end on 20,000 rows: every measurement is there, and search finds a real top score."""
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "reuse.py"), "--smoke", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["rows"] == 20000 and record["relabel"]["rows"] == 20000
+    for name in ("read", "read_dict", "numpy_scan", "search", "relabel"):
+        assert record[name]["rows_per_s"] > 0 and record[name]["peak_rss_mb"] > 0
+    assert 0.2 < record["search"]["top_score"] <= 1.0  # the best of 20,000 random 128-d unit vectors
+    assert "search vs target 500,000 rows/s" in proc.stdout

@@ -13,7 +13,7 @@ import yaml
 
 from clipbatch.config import SpecError, load_spec
 from clipbatch.decode import read_and_decode
-from clipbatch.encoder import ClipEncoder
+from clipbatch.encoder import ClipEncoder, Member
 from clipbatch.labels import build_text_head
 from clipbatch.models import load_model, pick_device
 from clipbatch.pipeline import ComputePlan
@@ -70,12 +70,13 @@ def test_gpu_actor_without_cuda_fails_loudly():
 def test_encoder_precisions_on_cpu(tiny_model, images, precision, min_cosine):
     loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
     classes = ["cat", "dog", "car"]
-    head = build_text_head(loaded, classes, ["a photo of a {}."])
+    head = build_text_head(loaded, [[f"a photo of a {c}."] for c in classes])
     sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
     batch = read_and_decode({"id": sources, "source": sources}, json.dumps(loaded.preprocess_cfg), {})
 
     def run(p):
-        enc = ClipEncoder(tiny_model, None, "cpu", p, head, classes, loaded.logit_scale, None, 2, "float32", 8)
+        enc = ClipEncoder([Member(tiny_model, None, p)], "cpu", [{"text_head": head, "logit_scale": loaded.logit_scale,
+                                                                   "logit_bias": None}], classes, 2, "float32", 8)
         return enc(batch)
 
     reference, table = run("fp32"), run(precision)

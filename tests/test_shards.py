@@ -62,6 +62,17 @@ def test_webdataset_end_to_end(webdataset, tiny_model, tmp_path, ray_local):
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["format"] == "webdataset" and manifest["counts"]["shards"] == 4
     assert manifest["counts"]["errors"] == summary.errors == 3
+    assert_thumbnails_read_back(rows, manifest)
+
+    # Resume: lose one part, rerun: the missing rows come back exactly once, the rest is skipped.
+    # A run killed after its last part but before _SUCCESS: the rerun reads no shard again,
+    # since every shard's recorded row count is reached by its rows in the output.
+    records = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "_shards").glob("*.json")}
+    assert len(records) == 4  # every shard, the missing one too (its one error row)
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    again = clipbatch.run(spec)
+    assert again.complete and again.new_rows == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "_shards").glob("*.json")} == records
 
     # Resume: lose one part, rerun: the missing rows come back exactly once, the rest is skipped.
     parts = sorted((tmp_path / "out").glob("part-*.parquet"))
@@ -92,6 +103,17 @@ def test_parquet_end_to_end(tmp_path, images, tiny_model, ray_local):
     assert rows["k0-1"]["caption"] == f"cap {files[1].name}" and rows["k0-1"]["error"] is None
     assert "no image bytes" in rows["k1-null"]["error"]
     assert "unreadable shard" in rows["shard-2.parquet#error"]["error"]
+    assert_thumbnails_read_back(rows, json.loads((tmp_path / "out" / "_manifest.json").read_text()))
+
+
+def assert_thumbnails_read_back(rows: dict, manifest: dict) -> None:
+    """Gallery pages (search --html) find every decodable row's image inside its shard again."""
+    from clipbatch.gallery import thumbnails
+
+    found = thumbnails(list(rows.values()), manifest)
+    assert set(found) == set(rows)
+    for row_id, row in rows.items():
+        assert (found[row_id] is not None) == (row["error"] is None), row_id
 
 
 def test_webdataset_on_s3(s3, webdataset, tiny_model, ray_local):
