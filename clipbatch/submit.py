@@ -138,7 +138,8 @@ def _is_this_machine(address: str) -> bool:
 
 
 def place_paths(raw: dict[str, Any], remote: bool, ship: Path | None) -> dict[str, Any]:
-    """The spec as the cluster must see it: local paths under --working-dir become paths relative to
+    """The spec as the cluster must see it (input, output, the labels' files, every model's local-dir
+    and checkpoint): local paths under --working-dir become paths relative to
     the job's working directory (shipped with it); other local paths become absolute for a head on this
     machine, and are an error for a remote one (it cannot read this machine's files)."""
     def place(key: str, value: str, prefix: str = "") -> str:
@@ -158,13 +159,16 @@ def place_paths(raw: dict[str, Any], remote: bool, ship: Path | None) -> dict[st
         if isinstance(inputs, list) else place("input.path", inputs) if _is_local_path(inputs) else inputs
     if _is_local_path(spec["output"]["path"]):
         spec["output"]["path"] = place("output.path", spec["output"]["path"])
-    if spec["labels"].get("classes_file") and _is_local_path(spec["labels"]["classes_file"]):
-        spec["labels"]["classes_file"] = place("labels.classes_file", spec["labels"]["classes_file"])
-    model = spec["model"]
-    if model["name"].startswith("local-dir:"):
-        model["name"] = place("model.name", model["name"].removeprefix("local-dir:"), "local-dir:")
-    if model.get("pretrained") and os.path.isfile(os.path.expanduser(model["pretrained"])):
-        model["pretrained"] = place("model.pretrained", model["pretrained"])
+    for key in ("classes_file", "templates_file", "prompts_file"):
+        if spec["labels"].get(key) and _is_local_path(spec["labels"][key]):
+            spec["labels"][key] = place(f"labels.{key}", spec["labels"][key])
+    models = [("model", spec["model"])] if spec.get("model") else \
+        [(f"models[{i}]", m) for i, m in enumerate(spec["models"])]
+    for where, model in models:
+        if model["name"].startswith("local-dir:"):
+            model["name"] = place(f"{where}.name", model["name"].removeprefix("local-dir:"), "local-dir:")
+        if model.get("pretrained") and os.path.isfile(os.path.expanduser(model["pretrained"])):
+            model["pretrained"] = place(f"{where}.pretrained", model["pretrained"])
     return spec
 
 

@@ -124,16 +124,18 @@ def test_failing_job_status_and_logs(head, tmp_path, tiny_model, images):
     env = {**_base_env(tmp_path), "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(images, tiny_model, tmp_path / "out")))
     missing = ["--set", f"input.path={tmp_path / 'missing'}"]
-    proc = clipbatch(["submit", "job.yaml", "--address", address, *missing], env, tmp_path)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output[-4000:]
-    assert f"clipbatch: error: input.path: {tmp_path / 'missing'} does not exist" in proc.stdout
-    assert re.search(r"clipbatch-test-\w+ FAILED", proc.stderr)
-
+    # The --no-wait job first, so that it runs while the waiting one does.
     proc = clipbatch(["submit", "job.yaml", "--address", address, "--no-wait", *missing], env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = proc.stdout.strip()
     assert re.fullmatch(r"clipbatch-test-\w+", job_id)
+
+    waited = clipbatch(["submit", "job.yaml", "--address", address, *missing], env, tmp_path)
+    output = waited.stdout + waited.stderr
+    assert waited.returncode == 1, output[-4000:]
+    assert f"clipbatch: error: input.path: {tmp_path / 'missing'} does not exist" in waited.stdout
+    assert re.search(r"clipbatch-test-\w+ FAILED", waited.stderr)
+
     follow = clipbatch(["logs", job_id, "--address", address, "--follow"], env, tmp_path)
     assert follow.returncode == 1 and "does not exist" in follow.stdout
     status = clipbatch(["status", job_id, "--address", address], env, tmp_path)
@@ -142,7 +144,7 @@ def test_failing_job_status_and_logs(head, tmp_path, tiny_model, images):
     assert logs.returncode == 0 and "does not exist" in logs.stdout
     unknown = clipbatch(["status", "clipbatch-no-such-job", "--address", address], env, tmp_path)
     assert unknown.returncode == 2 and "no job 'clipbatch-no-such-job'" in unknown.stderr
-    for p in (proc, follow, status, logs, unknown):
+    for p in (proc, waited, follow, status, logs, unknown):
         assert token not in p.stdout + p.stderr
 
 
@@ -188,6 +190,19 @@ def test_local_paths_and_a_remote_cluster(tmp_path, tiny_model):
     with pytest.raises(ClusterError, match="output.path .* would stay on a cluster node"):
         place_paths(raw, remote=True, ship=tmp_path)
     assert place_paths(raw, remote=False, ship=None)["output"]["path"] == str(tmp_path / "out")
+    # An ensemble's models and the labels' files are paths too.
+    raw["output"]["path"] = "s3://bucket/out"
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    ensemble = {**raw, "input": {"path": "s3://bucket/imgs"}, "labels": {"classes_file": str(tmp_path / "classes.txt")},
+                "models": [{"name": "clipbatch-demo"}, {"name": tiny_model, "key": "tiny"}]}
+    del ensemble["model"]
+    ensemble = load_spec(ensemble).model_dump(mode="json", exclude_unset=True)
+    with pytest.raises(ClusterError, match=r"^labels.classes_file '.*classes.txt' is a local path"):
+        place_paths(ensemble, remote=True, ship=None)
+    with pytest.raises(ClusterError, match=r"^models\[1\].name '.*tiny' is a local path"):
+        place_paths(ensemble, remote=True, ship=tmp_path)
+    assert place_paths(ensemble, remote=True, ship=Path(tiny_model.removeprefix("local-dir:")).parent.parent) \
+        ["models"][1]["name"].startswith("local-dir:")
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict("imgs", tiny_model, tmp_path / "out")))
