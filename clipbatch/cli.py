@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     add_demo_parser(sub)
     from clipbatch.evaluate import add_eval_parser
     add_eval_parser(sub)
+    from clipbatch.report import add_report_parser
+    add_report_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
