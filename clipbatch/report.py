@@ -178,13 +178,13 @@ window.addEventListener("load", function () {
 def render(out_url: str, manifest: dict, stats: dict, charts_: list[tuple[str, str]],
            galleries: list[tuple[str, list[dict]]]) -> str:
     e = html.escape
-    model = manifest.get("model")
+    model = manifest.get("model", "?") + (f" / {manifest['pretrained']}" if manifest.get("pretrained") else "")
     if manifest.get("ensemble"):
         model = " + ".join(f"{m['model']} ({m['weight']:g})" for m in manifest["ensemble"])
-    summary = [("output", out_url), ("model", f"{model}{' / ' + manifest['pretrained'] if manifest.get('pretrained') else ''}"),
-               ("classes", len(manifest.get("classes", []))),
+    summary = [("output", out_url), ("model", model), ("classes", len(manifest.get("classes", []))),
                ("templates", f"{len(manifest.get('templates') or [])} ({manifest.get('templates_name', 'custom')})"),
-               ("rows", f"{stats['rows']:,}"), ("labeled", f"{stats['ok']:,}"), ("errors", f"{stats['errors']:,}"),
+               ("rows", f"{stats['rows']:,}"), ("read and scored", f"{stats['ok']:,}"),
+               ("errors", f"{stats['errors']:,}"),
                ("mean confidence", f"{stats['score'].mean():.3f}" if len(stats["score"]) else "–"),
                ("finished", manifest.get("finished_at", "?"))]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>clipbatch report: "
