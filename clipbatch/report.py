@@ -43,12 +43,11 @@ def error_reason(message: str) -> str:
 
 def aspect_class(width: np.ndarray, height: np.ndarray) -> list[str]:
     """The common aspect ratio each image is within 1% of (as the seeds' statistics report), or 'other'."""
-    ratio = width / height
-    names = []
-    for r in ratio:
-        close = [name for name, value in RATIOS.items() if abs(r / value - 1) <= 0.01]
-        names.append(close[0] if close else "other")
-    return names
+    ratio = np.asarray(width, float) / np.asarray(height, float)
+    names = np.full(len(ratio), "other", dtype=object)
+    for name, value in reversed(RATIOS.items()):  # the first listed wins where two are within 1%
+        names[np.abs(ratio / value - 1) <= 0.01] = name
+    return names.tolist()
 
 
 def _thumbnails(sources: list[str], storage_options: dict) -> list[str | None]:
@@ -82,39 +81,52 @@ def _counts(values: list[str]) -> list[tuple[str, int]]:
     return sorted(zip(keys.tolist(), counts.tolist()), key=lambda kv: (-kv[1], kv[0]))
 
 
+def _per_label(table: pa.Table, classes: list[str]) -> list[tuple[str, int, float]]:
+    """(label, images, mean top-1 probability) of the rows without error, in class order, then
+    the rows below labels.min_score as NO_LABEL. One Arrow group-by, however many classes."""
+    ok = table.filter(pc.is_null(table["error"]))
+    grouped = pa.table({"label": pc.fill_null(ok["label"], NO_LABEL), "score": ok["score"]}).group_by(
+        "label").aggregate([("score", "count"), ("score", "mean")])
+    found = dict(zip(grouped["label"].to_pylist(),
+                     zip(grouped["score_count"].to_pylist(), grouped["score_mean"].to_pylist())))
+    return [(c, *found[c]) for c in [*classes, NO_LABEL] if c in found]
+
+
 def collect(table: pa.Table, classes: list[str]) -> dict:
     """Every number the page shows, from the output columns (no image is read here)."""
     ok = pc.is_null(table["error"]).to_numpy(zero_copy_only=False)
-    labels = np.array([label if label is not None else NO_LABEL for label in table["label"].to_pylist()],
-                      dtype=object)[ok]
-    score = table["score"].to_numpy(zero_copy_only=False)[ok].astype(float)
-    width = table["width"].to_numpy(zero_copy_only=False)
-    height = table["height"].to_numpy(zero_copy_only=False)
-    sized = ~pc.is_null(table["width"]).to_numpy(zero_copy_only=False)
-    width, height = width[sized].astype(float), height[sized].astype(float)
-    errors = [e for e in table["error"].to_pylist() if e is not None]
-    present = [c for c in classes if c in set(labels)] + ([NO_LABEL] if NO_LABEL in set(labels) else [])
+    sized = table.filter(pc.is_valid(table["width"]))
+    width = sized["width"].to_numpy(zero_copy_only=False).astype(float)
+    height = sized["height"].to_numpy(zero_copy_only=False).astype(float)
+    errors = table["error"].drop_null().to_pylist()
+    per_label = _per_label(table, classes)
     return {
         "rows": table.num_rows, "ok": int(ok.sum()), "errors": len(errors),
-        "class_counts": [(c, int((labels == c).sum())) for c in present],
-        "class_mean_score": [(c, float(score[labels == c].mean())) for c in present],
-        "score": score, "width": width, "height": height,
+        "class_counts": [(c, n) for c, n, _ in per_label],
+        "class_mean_score": [(c, mean) for c, _, mean in per_label],
+        "score": table["score"].to_numpy(zero_copy_only=False)[ok].astype(float), "width": width, "height": height,
         "aspect": _counts(aspect_class(width, height)) if len(width) else [],
         "error_reasons": _counts([error_reason(e) for e in errors]) if errors else [],
     }
 
 
 def _galleries(table: pa.Table, classes: list[str]) -> dict[str, np.ndarray]:
-    """Row indices of the least confident images and of each class's most confident ones."""
+    """Row indices of the least confident images and of the most confident ones of each of the
+    largest classes: two sorts of the table, however many classes."""
     ok = pc.is_null(table["error"]).to_numpy(zero_copy_only=False)
     score = np.where(ok, table["score"].fill_null(0).to_numpy(zero_copy_only=False), np.inf)
     galleries = {"lowest confidence": np.argsort(score, kind="stable")[:min(LOWEST, int(ok.sum()))]}
-    labels = np.array(table["label"].to_pylist(), dtype=object)
-    by_count = sorted(classes, key=lambda c: -int((labels == c).sum()))[:MAX_GALLERY_CLASSES]
-    for c in [c for c in classes if c in by_count]:
-        rows = np.flatnonzero(ok & (labels == c))
-        if len(rows):
-            galleries[c] = rows[np.argsort(-score[rows], kind="stable")[:PER_CLASS]]
+    counts = {c: n for c, n, _ in _per_label(table, classes)}
+    shown = set(sorted(classes, key=lambda c: -counts.get(c, 0))[:MAX_GALLERY_CLASSES])
+    index = {c: i for i, c in enumerate(classes)}
+    label_index = np.array([index.get(c, -1) if c in shown else -1 for c in table["label"].to_pylist()])
+    label_index[~ok] = -1
+    order = np.lexsort((-np.where(ok, score, 0), label_index))  # by class, then by score, highest first
+    starts = np.searchsorted(label_index[order], np.arange(len(classes)))
+    ends = np.searchsorted(label_index[order], np.arange(len(classes)), side="right")
+    for i, c in enumerate(classes):
+        if ends[i] > starts[i]:
+            galleries[c] = order[starts[i]:min(ends[i], starts[i] + PER_CLASS)]
     return galleries
 
 
