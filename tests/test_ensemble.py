@@ -128,3 +128,13 @@ def test_ensemble_matches_its_members(tmp_path, images, tiny_model, small_model,
     assert m["calibration"]["nll_after"] <= m["calibration"]["nll_before"]
     truth = np.array([CLASSES.index(i.split("/")[0]) for i in table["id"].to_pylist()])
     assert m["top1"] == pytest.approx((scores.argmax(1) == truth).mean())
+
+
+def test_example_ensemble_spec_is_valid(tmp_path):
+    """jobs/ensemble-openai.yaml, the seed articles' ensemble, validates and names its columns."""
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "jobs" / "ensemble-openai.yaml")
+    assert [(m.name, m.weight, m.column_key) for m in spec.members] == [
+        ("ViT-L-14", 0.45, "vit_l_14"), ("ViT-B-32", 0.35, "vit_b_32"), ("RN50", 0.20, "rn50")]
+    assert spec.labels.min_score == 0.3 and spec.ensemble
