@@ -68,7 +68,8 @@ def _parquet_rows(source: str, ids: set[str], storage_options: dict, image_colum
     return found
 
 
-def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = None) -> dict[str, str | None]:
+def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = None,
+               size: int = THUMBNAIL_PX) -> dict[str, str | None]:
     """{id: data URI, or None where the image cannot be read back} for rows with id and source."""
     storage_options = storage_options or {}
     fmt = manifest.get("format", "images")
@@ -91,7 +92,7 @@ def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = 
             contents = {}
         for row_id in ids:
             try:
-                result[row_id] = _thumbnail(contents[row_id])
+                result[row_id] = _thumbnail(contents[row_id], size)
             except Exception:  # gone, moved, or never an image: the page says so instead of failing
                 result[row_id] = None
     return result

@@ -26,13 +26,20 @@ def parse_storage_options(items: list[str] | None) -> dict:
     """--storage-option key=value (repeatable) -> fsspec keyword arguments (values parsed as YAML)."""
     import yaml
 
+    from pydantic import TypeAdapter, ValidationError
+
+    from clipbatch.config import StorageOptions
+
     options = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpecError(f"--storage-option {item!r}: expected key=value, e.g. endpoint_url=http://host:8333")
         options[key.strip()] = yaml.safe_load(value)
-    return options
+    try:  # the same rule as a spec's storage_options: credentials come from the environment only
+        return TypeAdapter(StorageOptions).validate_python(options)
+    except ValidationError as exc:
+        raise SpecError(f"--storage-option: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 class StoredOutput:
