@@ -98,6 +98,20 @@ def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = 
     return result
 
 
+# A page checks itself once loaded: how many of its images decoded (<body data-images=N
+# data-broken=M>, and a visible line in #broken when any failed). The tests read it in Chromium.
+SELF_CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  document.body.setAttribute("data-images", images.length);
+  document.body.setAttribute("data-broken", broken.length);
+  if (broken.length) document.getElementById("broken").textContent =
+      broken.length + " of " + images.length + " images on this page failed to load";
+});
+"""
+
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -106,11 +120,12 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 figure {{ margin: 0; width: {px}px; font-size: 12px; }}
 figure img, figure .missing {{ width: {px}px; height: {px}px; object-fit: contain; background: #eee; }}
 figure .missing {{ display: flex; align-items: center; justify-content: center; color: #888; }}
-figcaption {{ overflow-wrap: anywhere; }}
+figcaption {{ overflow-wrap: anywhere; white-space: pre-line; }}
+#broken {{ color: #b00; font-weight: bold; }}
 </style></head>
-<body><h1>{title}</h1><p>{subtitle}</p><div class="grid">
+<body><h1>{title}</h1><p>{subtitle}</p><p id="broken"></p><div class="grid">
 {figures}
-</div></body></html>
+</div><script>{check}</script></body></html>
 """
 
 
@@ -123,4 +138,4 @@ def gallery_html(title: str, subtitle: str, rows: list[dict], images: dict[str, 
                    '<div class="missing">image not readable</div>')
         figures.append(f"<figure>{picture}<figcaption>{html.escape(row['caption'])}</figcaption></figure>")
     return _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), px=THUMBNAIL_PX,
-                        figures="\n".join(figures))
+                        figures="\n".join(figures), check=SELF_CHECK_SCRIPT)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipbatch.config import SpecError
-from clipbatch.gallery import thumbnails
+from clipbatch.gallery import SELF_CHECK_SCRIPT, thumbnails
 from clipbatch.outputs import OutputDir
 
 REPORT_DIR = "_report"  # "_": Parquet readers skip it when reading OUTPUT as a table
@@ -151,17 +151,6 @@ tr:nth-child(even) { background: #f5f5f5; }
 #broken { color: #b00; font-weight: bold; }
 """
 
-# The page checks itself: how many of its images decoded (a thumbnail or chart that failed shows here).
-_CHECK = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
-  document.body.setAttribute("data-images", images.length);
-  document.body.setAttribute("data-broken", broken.length);
-  if (broken.length) document.getElementById("broken").textContent =
-      broken.length + " of " + images.length + " images on this page failed to load";
-});
-"""
 
 
 def render(out_url: str, manifest: dict, stats: dict, charts_: list[tuple[str, str]],
@@ -198,7 +187,7 @@ def render(out_url: str, manifest: dict, stats: dict, charts_: list[tuple[str, s
         parts.append("</div>")
     parts.append(f"<p>made by clipbatch {e(manifest.get('clipbatch_version', ''))} on "
                  f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>")
-    parts.append(f"<script>{_CHECK}</script></body></html>")
+    parts.append(f"<script>{SELF_CHECK_SCRIPT}</script></body></html>")
     return "\n".join(parts)
 
 

@@ -21,7 +21,7 @@ from clipbatch.cli import main
 from clipbatch.demo import world
 from clipbatch.demo.command import write_images
 from clipbatch.report import NO_LABEL, aspect_class, build_report, error_reason
-from helpers import mixed_images
+from helpers import chromium_dom, mixed_images
 
 IMG_SRC = re.compile(r"<img src='([^']*)'")
 
@@ -119,7 +119,7 @@ def test_page_in_headless_chromium(reported, tmp_path):
     local, _, page, _ = reported
     url = (local / "_report" / "index.html").as_uri()
     common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = chromium_dom(url)
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert f'data-images="{len(IMG_SRC.findall(page))}"' in body and 'data-broken="0"' in body, body
     shot = tmp_path / "report.png"
