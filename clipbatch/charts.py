@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on workers, CI or servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 _COLOR = "#3b6ea8"
 
@@ -23,6 +24,12 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _plain_log(axis) -> None:
+    """A log axis labelled 100, 1000 rather than 10^2, 10^3 (sizes and ratios read better so)."""
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _size_for(n_labels: int) -> tuple[float, float]:
@@ -39,6 +46,8 @@ def bars(labels: list[str], values: list[float], title: str, ylabel: str, ylim: 
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
+    if all(float(v).is_integer() for v in values):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 
@@ -47,6 +56,7 @@ def histogram(values: np.ndarray, bins, title: str, xlabel: str, log_x: bool = F
     ax.hist(values, bins=bins, color=_COLOR, edgecolor="white")
     if log_x:
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
@@ -58,6 +68,8 @@ def scatter(x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str) 
     ax.scatter(x, y, s=8, alpha=0.5, color=_COLOR)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log(ax.xaxis)
+    _plain_log(ax.yaxis)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(sub)
     from clipbatch.submit import add_submit_parsers
     add_submit_parsers(sub)
+    from clipbatch.report import add_report_parser
+    add_report_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -125,7 +125,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
-def _fetch_all(sources: list[str], storage_options: dict) -> list:
+def fetch_all(sources: list[str], storage_options: dict) -> list:
     """One fetch for the whole batch (concurrent on object stores), in order, failures as values.
 
     cat_ranges, unlike cat, never treats a name with [] or * in it as a glob.
@@ -162,7 +162,7 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
         contents = batch["data"]
         errors = np.array([str(e) if e else NO_ERROR for e in batch["error"]], dtype=object)
     else:
-        contents = _fetch_all([str(s) for s in batch["source"]], storage_options)
+        contents = fetch_all([str(s) for s in batch["source"]], storage_options)
         errors = np.full(n, NO_ERROR, dtype=object)
     for i, data in enumerate(contents):
         if errors[i] != NO_ERROR:

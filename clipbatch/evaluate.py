@@ -24,6 +24,7 @@ from clipbatch.metrics import (calibration_bins, classification_report, expected
                                fit_temperature, negative_log_likelihood)
 from clipbatch.schema import matrix
 from clipbatch.outputs import SUCCESS
+from clipbatch.stored import job_members
 from clipbatch.templates import resolve_prompts, template_set_names
 
 EVAL_DIR = "_eval"  # "_": Parquet readers (pyarrow datasets, Spark) skip it when reading OUTPUT as a table
@@ -89,15 +90,6 @@ def _labels_with_templates(labels: LabelsSpec, name: str) -> LabelsSpec:
         return LabelsSpec(**kept, templates=name)
     path, _, chosen = name.partition("#")
     return LabelsSpec(**kept, templates_file=path, **({"templates": chosen} if chosen else {}))
-
-
-def job_members(manifest: dict) -> list[dict]:
-    """Each model of the job with what rescoring needs (model, pretrained, precision, logit scale
-    and bias, weight, embedding column): an ensemble's list, or the one model as a member."""
-    if "ensemble" in manifest:
-        return manifest["ensemble"]
-    return [{**{k: manifest.get(k) for k in ("model", "pretrained", "precision", "logit_scale", "logit_bias")},
-             "weight": 1.0, "embedding_column": "embedding"}]
 
 
 def calibrate(scores: np.ndarray, embeddings: dict | None, heads: dict | None, truth: np.ndarray,

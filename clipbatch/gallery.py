@@ -68,7 +68,8 @@ def _parquet_rows(source: str, ids: set[str], storage_options: dict, image_colum
     return found
 
 
-def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = None) -> dict[str, str | None]:
+def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = None,
+               size: int = THUMBNAIL_PX) -> dict[str, str | None]:
     """{id: data URI, or None where the image cannot be read back} for rows with id and source."""
     storage_options = storage_options or {}
     fmt = manifest.get("format", "images")
@@ -91,10 +92,24 @@ def thumbnails(rows: list[dict], manifest: dict, storage_options: dict | None = 
             contents = {}
         for row_id in ids:
             try:
-                result[row_id] = _thumbnail(contents[row_id])
+                result[row_id] = _thumbnail(contents[row_id], size)
             except Exception:  # gone, moved, or never an image: the page says so instead of failing
                 result[row_id] = None
     return result
+
+
+# A page checks itself once loaded: how many of its images decoded (<body data-images=N
+# data-broken=M>, and a visible line in #broken when any failed). The tests read it in Chromium.
+SELF_CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  document.body.setAttribute("data-images", images.length);
+  document.body.setAttribute("data-broken", broken.length);
+  if (broken.length) document.getElementById("broken").textContent =
+      broken.length + " of " + images.length + " images on this page failed to load";
+});
+"""
 
 
 _PAGE = """<!doctype html>
@@ -105,11 +120,12 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 figure {{ margin: 0; width: {px}px; font-size: 12px; }}
 figure img, figure .missing {{ width: {px}px; height: {px}px; object-fit: contain; background: #eee; }}
 figure .missing {{ display: flex; align-items: center; justify-content: center; color: #888; }}
-figcaption {{ overflow-wrap: anywhere; }}
+figcaption {{ overflow-wrap: anywhere; white-space: pre-line; }}
+#broken {{ color: #b00; font-weight: bold; }}
 </style></head>
-<body><h1>{title}</h1><p>{subtitle}</p><div class="grid">
+<body><h1>{title}</h1><p>{subtitle}</p><p id="broken"></p><div class="grid">
 {figures}
-</div></body></html>
+</div><script>{check}</script></body></html>
 """
 
 
@@ -122,4 +138,4 @@ def gallery_html(title: str, subtitle: str, rows: list[dict], images: dict[str, 
                    '<div class="missing">image not readable</div>')
         figures.append(f"<figure>{picture}<figcaption>{html.escape(row['caption'])}</figcaption></figure>")
     return _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), px=THUMBNAIL_PX,
-                        figures="\n".join(figures))
+                        figures="\n".join(figures), check=SELF_CHECK_SCRIPT)

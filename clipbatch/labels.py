@@ -46,7 +46,7 @@ def class_probabilities(cosine: torch.Tensor, logit_scale: float, logit_bias: fl
 
 
 def member_logits(embeddings: dict[str, np.ndarray], heads: dict[str, np.ndarray], members: list[dict]) -> list:
-    """Per model of a job (see evaluate.job_members): logit_scale * cos(stored embedding, class)
+    """Per model of a job (see stored.job_members): logit_scale * cos(stored embedding, class)
     (+ logit_bias), at temperature 1, in float64. Stored embeddings are L2-normalized, so no image
     is read; float16 storage moves the scores by about 1e-4."""
     return [m["logit_scale"] * embeddings[m["embedding_column"]].astype(np.float64)

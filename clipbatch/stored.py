@@ -26,13 +26,30 @@ def parse_storage_options(items: list[str] | None) -> dict:
     """--storage-option key=value (repeatable) -> fsspec keyword arguments (values parsed as YAML)."""
     import yaml
 
+    from pydantic import TypeAdapter, ValidationError
+
+    from clipbatch.config import StorageOptions
+
     options = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpecError(f"--storage-option {item!r}: expected key=value, e.g. endpoint_url=http://host:8333")
         options[key.strip()] = yaml.safe_load(value)
-    return options
+    try:  # the same rule as a spec's storage_options: credentials come from the environment only
+        return TypeAdapter(StorageOptions).validate_python(options)
+    except ValidationError as exc:
+        raise SpecError(f"--storage-option: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def job_members(metadata: dict) -> list[dict]:
+    """The model(s) that made an output, from its metadata or manifest: {model, pretrained,
+    precision, weight, embedding_column, logit_scale, logit_bias, preprocess_cfg} each; an
+    ensemble's list, or the one model as a member of weight 1."""
+    if "ensemble" in metadata:
+        return [{"weight": 1.0, "logit_bias": None, **m} for m in metadata["ensemble"]]
+    keys = ("model", "pretrained", "precision", "logit_scale", "logit_bias", "preprocess_cfg")
+    return [{**{k: metadata.get(k) for k in keys}, "weight": 1.0, "embedding_column": "embedding"}]
 
 
 class StoredOutput:
@@ -62,14 +79,7 @@ class StoredOutput:
 
     @property
     def members(self) -> list[dict]:
-        """The model(s) that made the output: {model, pretrained, weight, embedding_column,
-        logit_scale, logit_bias, preprocess_cfg} each; one for a single-model job."""
-        meta = self.metadata
-        if "ensemble" in meta:
-            return [{"weight": 1.0, "logit_bias": None, **m} for m in meta["ensemble"]]
-        return [{"model": meta["model"], "pretrained": meta.get("pretrained"), "weight": 1.0,
-                 "embedding_column": "embedding", "logit_scale": meta.get("logit_scale"),
-                 "logit_bias": meta.get("logit_bias"), "preprocess_cfg": meta.get("preprocess_cfg")}]
+        return job_members(self.metadata)
 
     @property
     def embedding_columns(self) -> list[str]:

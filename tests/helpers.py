@@ -77,3 +77,11 @@ def mixed_images(folder: Path, n: int = 24) -> list[Path]:
         path.write_bytes(encode(img, fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {})))
         paths.append(path)
     return paths
+
+
+def chromium_dom(url: str) -> str:
+    """The page's DOM after its load handlers ran, in a real headless Chromium."""
+    import subprocess
+
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout

@@ -138,3 +138,12 @@ def test_ensemble_matches_its_members(tmp_path, images, tiny_model, small_model,
     np.testing.assert_allclose(matrix(again["scores"]), scores, atol=1e-5)
     assert again["label"].to_pylist() == table["label"].to_pylist()
     assert main(["search", str(out), "a photo of a group1.", "-k", "3"]) == 0
+
+def test_example_ensemble_spec_is_valid(tmp_path):
+    """jobs/ensemble-openai.yaml, the seed articles' ensemble, validates and names its columns."""
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "jobs" / "ensemble-openai.yaml")
+    assert [(m.name, m.weight, m.column_key) for m in spec.members] == [
+        ("ViT-L-14", 0.45, "vit_l_14"), ("ViT-B-32", 0.35, "vit_b_32"), ("RN50", 0.20, "rn50")]
+    assert spec.labels.min_score == 0.3 and spec.ensemble

@@ -16,6 +16,7 @@ from PIL import Image
 from clipbatch.cli import main
 from clipbatch.demo import world
 from clipbatch.demo.command import write_images
+from clipbatch.evaluate import calibrate
 from clipbatch.metrics import negative_log_likelihood, probabilities
 from clipbatch.models import load_model
 from clipbatch.schema import matrix
@@ -86,6 +87,10 @@ def test_calibration_lowers_nll(evaluated):
     assert nll(t) == pytest.approx(c["nll_after"], rel=1e-6) and nll(1.0) == pytest.approx(c["nll_before"], rel=1e-6)
     for other in (t * 1.05, t / 1.05):  # a minimum
         assert nll(other) > c["nll_after"]
+    # without stored embeddings the logits come from the stored probabilities: the same temperature
+    manifest = json.loads((root / "out" / "_manifest.json").read_text())
+    from_scores = calibrate(matrix(ok["scores"])[keep], None, None, truth, manifest)
+    assert from_scores["logits_from"] == "scores" and from_scores["temperature"] == pytest.approx(t, rel=0.02)
 
 
 def test_template_sets_match_direct_computation(evaluated, capsys):

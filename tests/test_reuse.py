@@ -4,6 +4,7 @@ open_clip's own text tower, against a real rerun, and on the real S3 server."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from clipbatch.config import SpecError
 from clipbatch.relabel import Relabel
 from clipbatch.schema import read_metadata
 from conftest import spec_dict
+from helpers import chromium_dom
 from test_output import broken_images, broken_spec  # noqa: F401 (broken_images is a fixture)
 
 NEW_CLASSES = ["bicycle", "mountain", "pattern", "stripes"]
@@ -229,6 +231,9 @@ def test_search_by_image_finds_the_image_itself(fp32_output, broken_images, caps
     assert results[0]["source"].endswith(target.name) and results[0]["score"] > 0.9999
     page = html.read_text()
     assert page.count('<img src="data:image/jpeg;base64,') == 5 and "cdn" not in page.lower()
+    if shutil.which("chromium"):  # CI installs it: every thumbnail decodes in a real browser
+        body = re.search(r"<body[^>]*>", chromium_dom(html.as_uri())).group(0)
+        assert 'data-images="5"' in body and 'data-broken="0"' in body, body
 
 
 def test_search_refusals(fp32_output, tmp_path, capsys):
