@@ -21,48 +21,88 @@ def start(job, env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-@pytest.mark.slow
-def test_sigkill_then_rerun_is_exactly_once(tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    """Where the killed job reads and writes: local disk, or the SeaweedFS S3 server (input and output)."""
     images = tmp_path / "images"
-    mixed_images(images, n=240)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    mixed_images(images, n=N_IMAGES)
+    if request.param == "local":
+        yield str(images), str(tmp_path / "killed"), {}
+        return
+    import s3fs
 
-    def job(out):
-        spec = {"input": {"path": str(images)}, "model": {"name": "clipbatch-demo"},
-                "labels": {"classes": ["red circle", "blue square", "green star"], "templates": "simple"},
-                "output": {"path": str(out), "rows_per_part": 24, "embedding_dtype": "float32"},
-                "compute": {"batch_size": 8}}
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        return path
+    s3 = request.getfixturevalue("s3")
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True)
+    bucket = f"resume-{tmp_path.name.lower().replace('_', '-')[-20:]}"
+    fs.mkdir(bucket)
+    fs.put(str(images) + "/", f"{bucket}/images/", recursive=True)
+    yield f"s3://{bucket}/images", f"s3://{bucket}/killed", {"endpoint_url": s3.endpoint}
 
-    killed = tmp_path / "killed"
-    proc = start(job(killed), env)
+
+N_IMAGES = 240
+SPEC = {"model": {"name": "clipbatch-demo"},
+        "labels": {"classes": ["red circle", "blue square", "green star"], "templates": "simple"},
+        "compute": {"batch_size": 8}}
+
+
+def write_job(path, source: str, out: str, options: dict):
+    spec = {**SPEC, "input": {"path": source, "storage_options": options},
+            "output": {"path": out, "storage_options": options, "rows_per_part": 24, "embedding_dtype": "float32"}}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def env_without_cluster() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same images labeled by an uninterrupted run, once for both storages."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    mixed_images(folder / "images", n=N_IMAGES)  # the same files: mixed_images is deterministic
+    job = write_job(folder / "clean.yaml", str(folder / "images"), str(folder / "clean"), {})
+    done = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(job)], env=env_without_cluster(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pq.read_table(folder / "clean").sort_by("id")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_exactly_once(storage, uninterrupted, tmp_path):
+    """SIGKILL the job's whole process group once two parts are visible, rerun: every input once,
+    the same values as an uninterrupted run, no half-written part ever visible. On S3 too."""
+    import fsspec
+
+    input_path, killed, options = storage
+    out_fs, out_root = fsspec.core.url_to_fs(killed, **options)
+    env = env_without_cluster()
+    job = write_job(tmp_path / "killed.yaml", input_path, killed, options)
+
+    def parts() -> list[str]:
+        out_fs.invalidate_cache()
+        return out_fs.glob(f"{out_root}/part-*.parquet")
+
+    proc = start(job, env)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(killed.glob("part-*.parquet"))) < 2:
+    while time.time() < deadline and len(parts()) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started with it
     proc.wait()
-    parts_at_kill = len(list(killed.glob("part-*.parquet")))
-    assert 2 <= parts_at_kill and not (killed / "_SUCCESS").exists()
-    for part in killed.glob("part-*.parquet"):
-        pq.read_metadata(part)  # every visible part is whole
+    assert len(parts()) >= 2 and not out_fs.exists(f"{out_root}/_SUCCESS")
+    for part in parts():
+        pq.read_metadata(part, filesystem=out_fs)  # every visible part is whole
 
-    rerun = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(job(killed))], env=env,
+    rerun = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(job)], env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert (killed / "_SUCCESS").exists()
-    assert not list(killed.glob(".*.tmp"))
+    assert out_fs.exists(f"{out_root}/_SUCCESS")
+    assert not out_fs.glob(f"{out_root}/.*.tmp")
 
-    clean = tmp_path / "clean"
-    uninterrupted = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(job(clean))], env=env,
-                                   capture_output=True, text=True, timeout=300)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-
-    a = pq.read_table(killed).sort_by("id")
-    b = pq.read_table(clean).sort_by("id")
+    a = pq.read_table(out_root, filesystem=out_fs).sort_by("id")
+    b = uninterrupted
     ids = a["id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 240 and ids == b["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == N_IMAGES and ids == b["id"].to_pylist()
     np.testing.assert_allclose(np.stack(a["scores"].to_numpy(zero_copy_only=False)),
                                np.stack(b["scores"].to_numpy(zero_copy_only=False)), atol=1e-6)
     np.testing.assert_allclose(np.stack(a["embedding"].to_numpy(zero_copy_only=False)),
