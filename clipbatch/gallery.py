@@ -30,15 +30,14 @@ def _thumbnail(data: bytes, size: int = THUMBNAIL_PX) -> str:
 
 
 def _tar_members(source: str, ids: set[str], storage_options: dict) -> dict[str, bytes]:
-    from clipbatch.shards import _webdataset_samples
-    from clipbatch.sources import IMAGE_EXTENSIONS
+    from clipbatch.shards import _webdataset_samples, image_member
 
     found = {}
     try:
         with fsspec.open(source, "rb", **storage_options) as f:
             for key, sample in _webdataset_samples(f):
                 row_id = next((i for i in ids if i == key or i.endswith("/" + key)), None)
-                image_ext = next((e for e in sample if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
+                image_ext = image_member(sample)
                 if row_id and image_ext:
                     found[row_id] = sample[image_ext]
                     if len(found) == len(ids):

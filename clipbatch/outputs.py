@@ -57,6 +57,15 @@ class OutputDir:
             return None
         return json.loads(self.fs.cat_file(self.join(MANIFEST)))
 
+    def announce_complete(self, rows_if_unknown: int = 0) -> tuple[dict, int, int]:
+        """Say that this output is already complete (a rerun has nothing to do):
+        (its manifest, rows, errors)."""
+        manifest = self.read_manifest() or {}
+        counts = manifest.get("counts", {})
+        rows = counts.get("rows", rows_if_unknown)
+        print(f"clipbatch: {self.url} is already complete ({rows:,} rows); nothing to do", flush=True)
+        return manifest, rows, counts.get("errors", 0)
+
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
 

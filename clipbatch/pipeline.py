@@ -25,7 +25,7 @@ from clipbatch.decode import pixels_column
 from clipbatch.encoder import ClipEncoder, Member
 from clipbatch.labels import build_text_head
 from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
-from clipbatch.progress import ProgressReporter
+from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, head_file
 from clipbatch.sinks import ParquetPartsDatasink
@@ -140,21 +140,6 @@ def _prepare_text_heads(models: list[tuple], device, prompts, metadata, columns,
                       "logit_bias": loaded.logit_bias, "precision": loaded.precision})
         del loaded
     return _prepared(heads, metadata, columns, embedding_dtype, carried)
-
-
-class ProgressCounter:
-    """Rows done so far, added to by every encoder actor (a Ray actor with no CPU of its own)."""
-
-    def __init__(self):
-        self.rows = 0
-        self.errors = 0
-
-    def add(self, rows: int, errors: int) -> None:
-        self.rows += rows
-        self.errors += errors
-
-    def read(self) -> tuple[int, int]:
-        return self.rows, self.errors
 
 
 class _CountingEncoder(ClipEncoder):
@@ -287,11 +272,9 @@ class Job:
         self.out.check_writable()
         todo = self._check_output()
         if todo is None:
-            manifest = self.out.read_manifest() or {}
-            rows = manifest.get("counts", {}).get("rows", self.listing.num_rows)
-            print(f"clipbatch: {self.out.url} is already complete ({rows:,} rows); nothing to do", flush=True)
-            return RunSummary(self.out.url, rows, manifest.get("counts", {}).get("errors", 0), 0,
-                              time.time() - started, 0.0, manifest.get("device", "?"), True, skipped=True)
+            manifest, rows, errors = self.out.announce_complete(self.listing.num_rows)
+            return RunSummary(self.out.url, rows, errors, 0, time.time() - started, 0.0, manifest.get("device", "?"),
+                              True, skipped=True)
 
         t0 = time.time()
         embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None

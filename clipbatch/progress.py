@@ -29,6 +29,22 @@ def format_progress(done: int, total: int, errors: int, elapsed: float, rate: fl
             f"{errors:,} errors, {_duration(elapsed)} elapsed")
 
 
+class ProgressCounter:
+    """Rows done so far: in a job a Ray actor with no CPU of its own that every encoder adds to,
+    in relabel a plain object in the driver."""
+
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+
+    def add(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+
+    def read(self) -> tuple[int, int]:
+        return self.rows, self.errors
+
+
 class ProgressReporter:
     """Context manager: prints progress from read() -> (rows, errors) until the block ends."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from pydantic import ValidationError
 from clipbatch import __version__
 from clipbatch.config import LabelsSpec, SpecError
 from clipbatch.labels import build_text_head, class_probabilities, label_columns
-from clipbatch.progress import ProgressReporter
+from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, write_part
 from clipbatch.stored import StoredOutput, embeddings_of
@@ -113,11 +112,8 @@ class Relabel:
         self.out.check_writable()
         todo = self._parts_to_do()
         if todo is None:
-            manifest = self.out.read_manifest() or {}
-            rows = manifest.get("counts", {}).get("rows", 0)
-            print(f"clipbatch: {self.out.url} is already complete ({rows:,} rows); nothing to do", flush=True)
-            return RelabelSummary(self.out.url, rows, manifest.get("counts", {}).get("errors", 0), 0.0, 0.0,
-                                  skipped=True)
+            _, rows, errors = self.out.announce_complete()
+            return RelabelSummary(self.out.url, rows, errors, 0.0, 0.0, skipped=True)
         members = []
         for member in self.stored.members:
             loaded = self.stored.load_model(member, device="cpu")
@@ -136,20 +132,20 @@ class Relabel:
         schema = output_schema(len(self.classes), dims, self.stored.embedding_dtype, metadata, self.stored.carried)
         scorer = _PartScorer(members, pa.array(self.classes, pa.string()), self.labels.top_k,
                              self.labels.min_score, self.labels.unknown, self.labels.temperature, schema)
-        counts = _Counts()
+        counts = ProgressCounter()
         begun = time.time()
         with ProgressReporter(counts.read, self.stored.count_rows(todo), unit="rows"):
             with ThreadPoolExecutor(RELABEL_THREADS) as pool:
                 for rows, errors in pool.map(lambda p: self._relabel_part(p, scorer), todo):
-                    counts.add_part_rows(rows, errors)
-        return self._finish(started, begun, len(todo))
+                    counts.add(rows, errors)  # in this thread: pool.map hands results back here
+        return self._finish(started, begun)
 
     def _relabel_part(self, part: str, scorer: "_PartScorer") -> tuple[int, int]:
         table = scorer(self.stored.read_part(part))
         write_part(self.out, table, posixpath.basename(part))
         return table.num_rows, table.num_rows - table["error"].null_count
 
-    def _finish(self, started: float, begun: float, new_parts: int) -> RelabelSummary:
+    def _finish(self, started: float, begun: float) -> RelabelSummary:
         written = self.out.written_rows()
         source_rows = self.stored.count_rows()
         errors = written.num_rows - written["error"].null_count
@@ -170,22 +166,6 @@ class Relabel:
             self.out.write_text(SUCCESS, "")
         return RelabelSummary(self.out.url, written.num_rows, errors, seconds,
                               written.num_rows / max(time.time() - begun, 1e-9))
-
-
-class _Counts:
-    """Rows relabeled so far, for the progress line."""
-
-    def __init__(self):
-        self.rows = self.errors = 0
-        self.lock = threading.Lock()
-
-    def add_part_rows(self, rows: int, errors: int) -> None:
-        with self.lock:
-            self.rows += rows
-            self.errors += errors
-
-    def read(self) -> tuple[int, int]:
-        return self.rows, self.errors
 
 
 @dataclass

@@ -18,7 +18,6 @@ from clipbatch.config import SpecError
 from clipbatch.stored import StoredOutput
 
 SEARCH_MEMORY_LIMIT = "512MB"  # DuckDB's own cap: the scan is streaming, so this is plenty
-RESULT_COLUMNS = ("id", "source", "label")
 
 
 def text_query(loaded, text: str) -> np.ndarray:

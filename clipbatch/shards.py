@@ -42,8 +42,7 @@ def read_shard_records(out) -> dict[str, int]:
     paths = out.fs.glob(out.join(f"{SHARD_INDEX}/*.json"))
     if not paths:
         return {}
-    contents = out.fs.cat(paths)  # concurrent on object stores
-    records = [json.loads(c) for c in (contents.values() if isinstance(contents, dict) else [contents])]
+    records = [json.loads(c) for c in out.fs.cat(paths).values()]  # one concurrent fetch on object stores
     return {r["source"]: r["rows"] for r in records}
 
 
@@ -111,6 +110,11 @@ def _webdataset_samples(f) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, sample
 
 
+def image_member(sample: dict[str, bytes]) -> str | None:
+    """The extension of a sample's image member (any image extension, e.g. 'jpg' or 'x.png'), or None."""
+    return next((e for e in sample if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
+
+
 def _carried_from_sample(sample: dict[str, bytes], keep: list[str]) -> dict:
     values = {}
     meta = None
@@ -129,7 +133,7 @@ def _read_webdataset(f, shard_id: str, rows: _Rows, done: set, keep: list[str]) 
     for key, sample in _webdataset_samples(f):
         samples += 1
         row_id = f"{shard_id}/{key}"
-        image_ext = next((e for e in sample if f".{e.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
+        image_ext = image_member(sample)
         if not rows.is_new(row_id, done):
             continue
         carried = _carried_from_sample(sample, keep)
