@@ -24,9 +24,11 @@ def text_query(loaded, text: str) -> np.ndarray:
     """The query text as written (no template), L2-normalized, float32 [D]."""
     import torch
 
+    from clipbatch.labels import encode_text
+
     with torch.inference_mode():
         tokens = loaded.tokenizer([text]).to(loaded.device)
-        features = loaded.model.encode_text(tokens).float()
+        features = encode_text(loaded.model, tokens).float()
     return torch.nn.functional.normalize(features, dim=-1)[0].cpu().numpy()
 
 

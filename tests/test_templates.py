@@ -14,10 +14,11 @@ import yaml
 
 import clipbatch
 from clipbatch.config import LabelsSpec, SpecError, load_spec
-from clipbatch.labels import build_text_head, class_probabilities
+from clipbatch.labels import _prompt_length, build_text_head, class_probabilities, encode_text
 from clipbatch.models import load_model
 from clipbatch.templates import resolve_prompts, resolve_templates, template_set_names
 from conftest import spec_dict
+import helpers
 
 
 def labels(**kw) -> LabelsSpec:
@@ -118,6 +119,28 @@ def test_head_is_mean_of_normalized_prompt_embeddings(tiny_model):
         each = loaded.model.encode_text(loaded.tokenizer(sentences), normalize=True)
     mean = each.mean(0)
     assert np.allclose(build_text_head(loaded, [sentences])[0], (mean / mean.norm()).numpy(), atol=1e-5)
+
+
+def test_text_encoded_on_prompt_length_equals_full_context(tiny_model):
+    """The text tower runs only up to the longest prompt's end token where that is exact (causal
+    mask, end-token pooling), and gives open_clip's full-context result; a tower without a causal
+    mask keeps the full context; the model is left as it was."""
+    loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
+    model = loaded.model
+    sentences = ["a cat.", "a photo of a small dog on a red sofa in the evening light.", "a hound."]
+    tokens = loaded.tokenizer(sentences)
+    positions, mask = model.positional_embedding, model.attn_mask
+    assert _prompt_length(model, tokens) == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    with torch.inference_mode():
+        full, cut = model.encode_text(tokens), encode_text(model, tokens)
+    assert cut.shape == full.shape and torch.allclose(cut, full, atol=1e-5, rtol=1e-5)
+    assert model.positional_embedding is positions and model.attn_mask is mask
+    # Shuffled lengths across batches: the head keeps the prompts' order.
+    head = build_text_head(loaded, [[s] for s in sentences])
+    assert np.allclose(head, torch.nn.functional.normalize(full, dim=-1).numpy(), atol=1e-5)
+
+    cfg = {**helpers.TINY_VIT_CFG, "text_cfg": {**helpers.TINY_VIT_CFG["text_cfg"], "no_causal_mask": True}}
+    assert _prompt_length(open_clip.model.CLIP(**cfg).eval(), tokens) is None
 
 
 def test_temperature_divides_logits():
