@@ -7,7 +7,8 @@
 
 (a) the seeds' per-image loop: open, preprocess and encode one image at a time (start-up excluded)
 (b) a tuned single-process loop: DataLoader workers decode and preprocess, the model runs batched,
-    Parquet out (start-up included)
+    Parquet out; timed like (d), as a fresh process from launch to exit (Python, torch and
+    open_clip imports and model load included), and also inside this process (imports excluded)
 (c) the model's pure batched forward rate on random tensors (the ceiling)
 (d) `clipbatch run` in a fresh process with default compute settings (Ray start-up and model load
     included)
@@ -110,6 +111,20 @@ def dataloader_loop(paths, model, pretrained, out: Path, batch_size=32, workers=
         "id": [str(p) for p in paths],
         "scores": pa.FixedSizeListArray.from_arrays(pa.array(prob.reshape(-1)), prob.shape[1]),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])}), out)
+    return len(paths) / (time.time() - started)
+
+
+def dataloader_loop_process(paths, args, out: Path, batch_size: int, workers: int) -> float:
+    """(b) as a user runs it: a fresh Python process, timed from launch to exit like (d)."""
+    code = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); import throughput as t; "
+            "t.DEVICE = sys.argv[2]; paths = pathlib.Path(sys.argv[3]).read_text().split(chr(10)); "
+            "t.dataloader_loop(paths, sys.argv[4], sys.argv[5] or None, pathlib.Path(sys.argv[6]), "
+            "int(sys.argv[7]), int(sys.argv[8]))")
+    listing = out.parent / "loop-paths.txt"
+    listing.write_text("\n".join(str(p) for p in paths))
+    started = time.time()
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), DEVICE, str(listing), args.model,
+                    args.pretrained or "", str(out), str(batch_size), str(workers)], check=True)
     return len(paths) / (time.time() - started)
 
 
@@ -255,9 +270,13 @@ def compare(args, work: Path) -> dict:
                                               batches=8 if DEVICE == "cpu" else 40)
         print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s (batch {batch})", flush=True)
     if "b" in args.modes:
-        record["b_dataloader"] = dataloader_loop(paths, args.model, args.pretrained, work / "loop.parquet",
-                                                 batch_size=batch, workers=min(16, os.cpu_count() or 2))
-        print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s", flush=True)
+        loop = dict(batch_size=batch, workers=min(16, os.cpu_count() or 2))
+        record["b_dataloader"] = dataloader_loop_process(paths, args, work / "loop.parquet", **loop)
+        print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s (a fresh process, as (d))", flush=True)
+        record["b_dataloader_in_process"] = dataloader_loop(paths, args.model, args.pretrained,
+                                                            work / "loop.parquet", **loop)
+        print(f"    the same loop in-process {record['b_dataloader_in_process']:5.2f} img/s (imports excluded)",
+              flush=True)
     if "a" in args.modes:
         a_paths = paths[: max(32, len(paths) // 4)]
         record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
@@ -265,7 +284,8 @@ def compare(args, work: Path) -> dict:
               flush=True)
     if "d_clipbatch" in record:
         rate = record["d_clipbatch"]["img_per_s"]
-        for key, name in (("a_per_image", "d/a"), ("b_dataloader", "d/b"), ("c_forward", "d/c")):
+        for key, name in (("a_per_image", "d/a"), ("b_dataloader", "d/b"), ("c_forward", "d/c"),
+                          ("b_dataloader_in_process", "d/b_in_process")):
             if key in record:
                 record["ratios"][name] = rate / record[key]
         print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
