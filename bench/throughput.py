@@ -283,6 +283,11 @@ def compare(args, work: Path) -> dict:
         print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)",
               flush=True)
     if "d_clipbatch" in record:
+        steady = record["d_clipbatch"]["timings"].get("steady_img_per_s")
+        if steady and "c_forward" in record:
+            record["steady_d/c"] = steady / record["c_forward"]
+            print(f"(d) once running: {steady:.2f} img/s from its first batch to its last = "
+                  f"{record['steady_d/c']:.2f} of the forward ceiling (what a long job runs at)", flush=True)
         rate = record["d_clipbatch"]["img_per_s"]
         for key, name in (("a_per_image", "d/a"), ("b_dataloader", "d/b"), ("c_forward", "d/c"),
                           ("b_dataloader_in_process", "d/b_in_process")):

@@ -326,10 +326,15 @@ class Job:
                 dataset.write_datasink(sink)
             if os.environ.get("CLIPBATCH_RAY_STATS"):
                 print(dataset.stats(), flush=True)
+            first_batch_at, steady = ray.get(counter.steady_rate.remote())
         head = ray.get(prepared)
-        return self._finish(sink, head, plan, started, {
-            "listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
-            "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)})
+        timings = {"listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
+                   "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)}
+        if todo.num_rows and first_batch_at:
+            timings["first_batch_s"] = round(first_batch_at - t0, 3)
+            if steady:
+                timings["steady_img_per_s"] = round(steady, 3)
+        return self._finish(sink, head, plan, started, timings)
 
     @property
     def columns(self) -> list[str]:

@@ -29,6 +29,9 @@ def format_progress(done: int, total: int, errors: int, elapsed: float, rate: fl
             f"{errors:,} errors, {_duration(elapsed)} elapsed")
 
 
+STEADY_MIN_BATCHES = 5
+
+
 class ProgressCounter:
     """Rows done so far: in a job a Ray actor with no CPU of its own that every encoder adds to,
     in relabel a plain object in the driver."""
@@ -36,13 +39,28 @@ class ProgressCounter:
     def __init__(self):
         self.rows = 0
         self.errors = 0
+        self.first: tuple[float, int] | None = None  # (time, rows) of the first batch counted
+        self.last_at: float | None = None
+        self.batches = 0
 
     def add(self, rows: int, errors: int) -> None:
         self.rows += rows
         self.errors += errors
+        self.last_at = time.time()
+        self.batches += 1
+        if self.first is None:
+            self.first = (self.last_at, self.rows)
 
     def read(self) -> tuple[int, int]:
         return self.rows, self.errors
+
+    def steady_rate(self) -> tuple[float | None, float]:
+        """(when the first batch was counted, rows/s from then to the last one): the rate once
+        start-up (Ray, model loading) is over, which is what a long job runs at; 0.0 when there were
+        too few batches to tell."""
+        if self.first is None or self.batches < STEADY_MIN_BATCHES or self.last_at <= self.first[0]:
+            return (self.first[0] if self.first else None), 0.0
+        return self.first[0], (self.rows - self.first[1]) / (self.last_at - self.first[0])
 
 
 class ProgressReporter:

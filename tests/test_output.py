@@ -77,7 +77,24 @@ def test_summary_and_files(finished):
     assert manifest["counts"] == {"inputs": 34, "rows": 34, "errors": 9, "new_rows": 34}
     assert manifest["classes"] == CLASSES and manifest["model"].startswith("local-dir:")
     assert manifest["logit_scale"] == pytest.approx(30.0, rel=1e-4) and manifest["clipbatch_version"]
-    assert {"listing_s", "ray_start_s", "text_head_s", "inference_s", "total_s"} <= set(manifest["timings"])
+    timings = manifest["timings"]
+    assert {"listing_s", "ray_start_s", "text_head_s", "inference_s", "first_batch_s", "total_s"} <= set(timings)
+    assert 0 < timings["first_batch_s"] <= timings["total_s"]
+
+
+def test_steady_rate_counts_from_the_first_batch(monkeypatch):
+    """The rate a long job runs at: rows after the first batch over the time since it, and none
+    from too few batches."""
+    import clipbatch.progress as progress
+
+    clock = iter([100.0, 110.0, 111.0, 112.0, 113.0, 114.0])
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    counter = progress.ProgressCounter()
+    for _ in range(4):
+        counter.add(32, 1)
+    assert counter.steady_rate() == (100.0, 0.0)
+    counter.add(32, 0)  # 5 batches: 128 rows after the first, in 13 s
+    assert counter.read() == (160, 4) and counter.steady_rate() == (100.0, pytest.approx(128 / 13))
 
 
 def test_duckdb_reads_output(finished):
