@@ -254,10 +254,46 @@ def _corpus(folder: Path, n: int, size) -> list[Path]:
     return existing[:n] if len(existing) >= n else make_corpus(folder, n, [tuple(size)])
 
 
+RATES = {"a_per_image": "d/a", "b_dataloader": "d/b", "c_forward": "d/c", "b_dataloader_in_process": "d/b_in_process"}
+
+
 def compare(args, work: Path) -> dict:
+    """Every mode, args.repeat times in turn; rates and ratios are the medians over the rounds."""
+    import statistics
+
     paths = _corpus(work / f"images-{args.n}-{args.size[0]}x{args.size[1]}", args.n, args.size)
     print(f"corpus: {len(paths)} JPEGs {args.size[0]}x{args.size[1]}", flush=True)
-    record = {"n": len(paths), "model": args.model, "size": args.size, "device": DEVICE, "ratios": {}}
+    rounds = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"round {i + 1} of {args.repeat}", flush=True)
+        rounds.append(one_round(args, paths, work))
+    record = {"n": len(paths), "model": args.model, "size": args.size, "device": DEVICE, "ratios": {},
+              **({"rounds": rounds} if args.repeat > 1 else {})}
+    for key in RATES:
+        if key in rounds[0]:
+            record[key] = statistics.median(r[key] for r in rounds)
+    if "d_clipbatch" in rounds[0]:
+        rate = statistics.median(r["d_clipbatch"]["img_per_s"] for r in rounds)
+        nearest = min((r["d_clipbatch"] for r in rounds), key=lambda d: abs(d["img_per_s"] - rate))
+        record["d_clipbatch"] = {**nearest, "img_per_s": rate}
+        steady = [r["d_clipbatch"]["timings"].get("steady_img_per_s") for r in rounds]
+        if all(steady) and "c_forward" in record:
+            record["steady_d/c"] = statistics.median(steady) / record["c_forward"]
+            print(f"(d) once running: {statistics.median(steady):.2f} img/s from its first batch to its last = "
+                  f"{record['steady_d/c']:.2f} of the forward ceiling (what a long job runs at)", flush=True)
+        for key, name in RATES.items():
+            if key in record:
+                record["ratios"][name] = rate / record[key]
+        if args.repeat > 1:
+            print("medians over the rounds: " + ", ".join(f"{RATES[k][2:]} {record[k]:.2f}" for k in RATES
+                                                           if k in record) + f", d {rate:.2f} img/s", flush=True)
+        print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
+    return record
+
+
+def one_round(args, paths: list[Path], work: Path) -> dict:
+    record = {}
     batch = 32 if DEVICE == "cpu" else 256
     if "d" in args.modes:
         d = clipbatch_run(paths[0].parent.parent, args.model, args.pretrained, work / "out", overrides=args.set)
@@ -282,18 +318,6 @@ def compare(args, work: Path) -> dict:
         record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
         print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)",
               flush=True)
-    if "d_clipbatch" in record:
-        steady = record["d_clipbatch"]["timings"].get("steady_img_per_s")
-        if steady and "c_forward" in record:
-            record["steady_d/c"] = steady / record["c_forward"]
-            print(f"(d) once running: {steady:.2f} img/s from its first batch to its last = "
-                  f"{record['steady_d/c']:.2f} of the forward ceiling (what a long job runs at)", flush=True)
-        rate = record["d_clipbatch"]["img_per_s"]
-        for key, name in (("a_per_image", "d/a"), ("b_dataloader", "d/b"), ("c_forward", "d/c"),
-                          ("b_dataloader_in_process", "d/b_in_process")):
-            if key in record:
-                record["ratios"][name] = rate / record[key]
-        print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), flush=True)
     return record
 
 
@@ -347,6 +371,8 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where loops (a)-(c) run their model; clipbatch (d) picks its device itself")
     p.add_argument("--modes", default="abcd", help="which of a b c d to run (default all)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the modes N times in turn and report medians (this machine is noisy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="spec override for the clipbatch run, e.g. input.jpeg_draft=true")
     p.add_argument("--workdir", type=Path)
