@@ -326,7 +326,10 @@ class Job:
                 dataset.write_datasink(sink)
             if os.environ.get("CLIPBATCH_RAY_STATS"):
                 print(dataset.stats(), flush=True)
-            first_batch_at, steady = ray.get(counter.steady_rate.remote())
+            try:
+                first_batch_at, steady = ray.get(counter.steady_rate.remote())
+            except ray.exceptions.RayError:  # the counter's node was lost: the job is fine, these 2 timings are not
+                first_batch_at, steady = None, 0.0
         head = ray.get(prepared)
         timings = {"listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
                    "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)}
