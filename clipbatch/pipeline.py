@@ -316,6 +316,7 @@ class Job:
         ray_ready = time.time()
         sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
                                     self.spec.output.rows_per_part)
+        first_batch_at, steady = None, 0.0
         if todo.num_rows:
             # On the driver's node, so that losing a worker node never loses the progress count.
             counter = ray.remote(num_cpus=0)(ProgressCounter).options(
@@ -329,11 +330,11 @@ class Job:
             try:
                 first_batch_at, steady = ray.get(counter.steady_rate.remote())
             except ray.exceptions.RayError:  # the counter's node was lost: the job is fine, these 2 timings are not
-                first_batch_at, steady = None, 0.0
+                pass
         head = ray.get(prepared)
         timings = {"listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
                    "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)}
-        if todo.num_rows and first_batch_at:
+        if first_batch_at:
             timings["first_batch_s"] = round(first_batch_at - t0, 3)
             if steady:
                 timings["steady_img_per_s"] = round(steady, 3)
@@ -471,8 +472,8 @@ def ray_cluster_info() -> dict:
 
 def _no_false_cpu_alarm(record: logging.LogRecord) -> bool:
     """Drops Ray Data's "the Ray cluster currently does not have any available CPUs ... will
-    hang" for the Ray a job starts for itself: nothing else runs there, and the warning comes
-    from a resource view Ray has not filled in yet when the job starts (the job never hangs)."""
+    hang" for the Ray a job starts for itself: nothing else runs there, and the warning appeared
+    at the start of every local job, each of which then ran normally (a false alarm)."""
     return "does not have any available CPUs" not in record.getMessage()
 
 
