@@ -87,13 +87,16 @@ def test_steady_rate_counts_from_the_first_batch(monkeypatch):
     from too few batches."""
     import clipbatch.progress as progress
 
-    clock = iter([100.0, 110.0, 111.0, 112.0, 113.0, 114.0])
-    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    clock = iter([100.0, 110.0, 111.0, 112.0, 113.0])
     counter = progress.ProgressCounter()
-    for _ in range(4):
-        counter.add(32, 1)
+    with monkeypatch.context() as patched:  # the clock is fake only while the counter reads it
+        patched.setattr(progress.time, "time", lambda: next(clock))
+        for _ in range(4):
+            counter.add(32, 1)
     assert counter.steady_rate() == (100.0, 0.0)
-    counter.add(32, 0)  # 5 batches: 128 rows after the first, in 13 s
+    with monkeypatch.context() as patched:
+        patched.setattr(progress.time, "time", lambda: next(clock))
+        counter.add(32, 0)  # 5 batches: 128 rows after the first, in 13 s
     assert counter.read() == (160, 4) and counter.steady_rate() == (100.0, pytest.approx(128 / 13))
 
 
