@@ -165,7 +165,7 @@ class ComputeSpec(_Strict):
     batch_size: Union[Literal["auto"], int] = "auto"
     actors: Union[Literal["auto"], int, tuple[int, int]] = "auto"
     gpus_per_actor: Union[Literal["auto"], float] = "auto"
-    cpus_per_actor: float = Field(1, gt=0)
+    cpus_per_actor: Union[Literal["auto"], float] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     @field_validator("batch_size")
@@ -189,6 +189,13 @@ class ComputeSpec(_Strict):
     def _gpus_range(cls, v):
         if isinstance(v, float) and v < 0:
             raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("cpus_per_actor")
+    @classmethod
+    def _cpus_positive(cls, v):
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("must be > 0")
         return v
 
 

@@ -9,6 +9,7 @@ so the same code serves the actors, the text head and the tests.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -69,16 +70,11 @@ def check_hub_model(name: str) -> None:
                          f"hub ({type(exc).__name__}: {reason[:200]})") from None
 
 
-def preprocess_config(name: str, pretrained: str | None) -> dict:
-    """The model's image preprocess config, in a fraction of a second and without downloading weights.
-
-    The model is built on the meta device (no memory, no weights); a pretrained tag's own
-    preprocessing (mean, std, interpolation, resize mode) is merged in as open_clip's factory does.
-    The encoder checks this against the config of the model it really loads.
-    """
+@functools.lru_cache(maxsize=8)
+def _meta_model(name: str):
+    """The model built on the meta device (no memory, no weights), in a fraction of a second."""
     import open_clip
     import torch
-    from open_clip.transform import merge_preprocess_dict
 
     resolved = resolve_model_name(name)
     if resolved.startswith("hf-hub:"):  # read the config only: create_model would fetch the weights
@@ -89,10 +85,28 @@ def preprocess_config(name: str, pretrained: str | None) -> dict:
     logging.disable(logging.WARNING)  # open_clip warns that this weightless model is "initialized randomly"
     try:
         with torch.device("meta"):
-            model = open_clip.create_model(resolved, pretrained=None, load_weights=False, device="meta",
-                                           pretrained_text=False)
+            return open_clip.create_model(resolved, pretrained=None, load_weights=False, device="meta",
+                                          pretrained_text=False)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of the whole model (both towers), without loading it: an actor's memory estimate."""
+    return sum(p.numel() for p in _meta_model(name).parameters())
+
+
+def preprocess_config(name: str, pretrained: str | None) -> dict:
+    """The model's image preprocess config, in a fraction of a second and without downloading weights.
+
+    A pretrained tag's own preprocessing (mean, std, interpolation, resize mode) is merged in as
+    open_clip's factory does. The encoder checks this against the config of the model it really loads.
+    """
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    resolved = resolve_model_name(name)
+    model = _meta_model(name)
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
     if pretrained and not resolved.startswith(("local-dir:", "hf-hub:")):
         tag_cfg = open_clip.get_pretrained_cfg(resolved.replace("/", "-"), pretrained)

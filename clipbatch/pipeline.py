@@ -24,7 +24,7 @@ from clipbatch.config import JobSpec, SpecError, load_spec
 from clipbatch.decode import pixels_column
 from clipbatch.encoder import ClipEncoder, Member
 from clipbatch.labels import build_text_head
-from clipbatch.models import check_hub_model, load_model, preprocess_config, resolve_model_name
+from clipbatch.models import check_hub_model, load_model, parameter_count, preprocess_config, resolve_model_name
 from clipbatch.progress import ProgressCounter, ProgressReporter
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, head_file
@@ -35,7 +35,13 @@ from clipbatch.templates import ClassPrompts, resolve_prompts
 
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
-DECODE_CPUS = 0.5
+DECODE_CPUS = 0.5  # decode tasks beside GPU actors
+# CPU actors: one per core (single-threaded actors beat one actor with all the cores' threads: 10.6-11.0
+# against 8.5-9.0 img/s for ViT-B-32 on 2 cores, see README), but each holds its own model copy.
+MAX_CPU_ACTORS_PER_NODE = 8
+# Besides its weights a CPU actor holds torch, a batch's activations and Arrow buffers: 0.7 GiB was
+# measured beside ViT-B-32's 0.6 GB of fp32 weights. The auto plan fits the actors in a node's memory.
+ACTOR_OVERHEAD_BYTES = 2**30
 # Fault tolerance is Ray Data's own: its map tasks retry without limit (max_retries=-1) and its
 # pool actors restart and retry their batches without limit (max_restarts=-1,
 # max_task_retries=-1), so a lost worker or node only redoes batches. Retries never duplicate
@@ -54,12 +60,16 @@ class ComputePlan:
     max_actors: int
     batch_size: int
     torch_threads: int  # intra-op threads of a CPU actor: the node's cores shared by its actors
+    decode_in_actors: bool  # CPU actors decode their own batches (Ray Data fuses the stages)
 
     @classmethod
     def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1,
-                  can_grow: bool = False) -> "ComputePlan":
+                  can_grow: bool = False, nodes: int = 1, memory_per_node: float = math.inf,
+                  actor_bytes: int = ACTOR_OVERHEAD_BYTES) -> "ComputePlan":
         """can_grow: the job joined a running cluster, whose autoscaler may add the GPU nodes that an
-        explicit gpus_per_actor asks for (a cluster scaled to zero GPU nodes reports none yet)."""
+        explicit gpus_per_actor asks for (a cluster scaled to zero GPU nodes reports none yet).
+        memory_per_node and actor_bytes (one CPU actor's estimate) bound how many CPU actors auto puts
+        on a node."""
         c = spec.compute
         if c.gpus_per_actor == "auto":
             gpus = 1.0 if cluster_gpus >= 1 and c.device != "cpu" else 0.0
@@ -70,18 +80,32 @@ class ComputePlan:
         if c.device == "cuda" and gpus == 0:
             raise SpecError("compute.device is cuda but no GPU is requested (the Ray cluster reports no GPUs)")
         device = ("cuda" if gpus > 0 else "cpu") if c.device == "auto" else c.device
+        nodes = max(1, nodes)
+        # CPU actors leave one CPU of each node to the Parquet write tasks (1 CPU each).
+        spare = max(0.0, cpus_per_node - 1)
         if c.actors == "auto":
-            low = high = max(1, math.floor(cluster_gpus / gpus)) if gpus > 0 else 1
+            if gpus > 0:
+                low = high = max(1, math.floor(cluster_gpus / gpus))
+            else:
+                fit = math.floor(cpus_per_node) if c.cpus_per_actor == "auto" else \
+                    math.floor(spare / c.cpus_per_actor + 1e-9)
+                fit = int(min(fit, memory_per_node // actor_bytes, MAX_CPU_ACTORS_PER_NODE))
+                low = high = nodes * max(1, fit)
         elif isinstance(c.actors, int):
             low = high = c.actors
         else:
             low, high = c.actors
+        per_node = math.ceil(high / nodes)
+        if c.cpus_per_actor != "auto":
+            cpus = float(c.cpus_per_actor)
+        else:
+            cpus = spare / per_node if gpus == 0 and spare > 0 else 1.0
         batch = c.batch_size if c.batch_size != "auto" else (256 if device == "cuda" else 32)
-        # Ray pins an actor to as many threads as CPUs it reserved (1 by default), which halves a
-        # CPU encoder on a 2-core machine; decode tasks are light next to a CPU forward pass.
-        threads = max(math.ceil(c.cpus_per_actor), math.floor(cpus_per_node / high)) if device == "cpu" \
-            else math.ceil(c.cpus_per_actor)
-        return cls(device, gpus, c.cpus_per_actor, low, high, batch, threads)
+        # Ray pins an actor to as many threads as CPUs it reserved, which would halve a CPU encoder
+        # that reserved a fraction; its threads are the node's cores shared by its actors.
+        threads = max(math.ceil(cpus), math.floor(cpus_per_node / per_node)) if device == "cpu" \
+            else math.ceil(cpus)
+        return cls(device, gpus, cpus, low, high, batch, threads, decode_in_actors=gpus == 0)
 
 
 @dataclass
@@ -183,6 +207,8 @@ class Job:
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         self.preprocess_cfgs = [preprocess_config(m.name, m.pretrained) for m in spec.members]
+        self.cpu_actor_bytes = ACTOR_OVERHEAD_BYTES + sum(
+            parameter_count(m.name) * (2 if m.precision in ("fp16", "bf16") else 4) for m in spec.members)
         self.preprocess_cfg = self.preprocess_cfgs[0]
         # Each image is decoded once, and cut once per distinct input size/preprocessing.
         self.decode_cfgs = [c for i, c in enumerate(self.preprocess_cfgs) if c not in self.preprocess_cfgs[:i]]
@@ -299,7 +325,9 @@ class Job:
                 print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
             cluster = ray_cluster_info()
             plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]),
-                                         can_grow=cluster["address"] != "local")
+                                         can_grow=cluster["address"] != "local", nodes=cluster["nodes"],
+                                         memory_per_node=cluster["memory"] / max(1, cluster["nodes"]),
+                                         actor_bytes=self.cpu_actor_bytes)
             if plan.gpus_per_actor > cluster["gpus"]:
                 print(f"clipbatch: the cluster has {cluster['gpus']:g} GPUs now; encoder actors wait for its "
                       "autoscaler to add GPU nodes", flush=True)
@@ -384,17 +412,23 @@ class Job:
         from clipbatch.shards import read_shards
 
         inputs = self.spec.input
+        # Equal requests let Ray Data fuse the CPU stages into the encoder actors (on CPU, where one
+        # more process per batch only competes with the encoders for the same cores).
+        stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
         if self.format == "images":
-            blocks = [todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)]
+            # In CPU actors a block is one task of decode and encode: a batch each, so that the job's
+            # last tasks are short and no actor waits long for another to finish.
+            per_block = min(ROWS_PER_BLOCK, plan.batch_size) if plan.decode_in_actors else ROWS_PER_BLOCK
+            blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
             rows = ray.data.from_arrow(blocks)
         else:  # one shard per block and per reader task
             rows = ray.data.from_arrow([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
-                read_shards, batch_size=1, num_cpus=DECODE_CPUS,
+                read_shards, batch_size=1, num_cpus=stage_cpus,
                 fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
                            "image_column": inputs.image_column, "id_column": inputs.id_column,
                            "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
         return (rows
-                .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS,
+                .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=stage_cpus,
                              fn_kwargs={"preprocess_cfg_json": json.dumps(self.decode_cfgs[0]),
                                         "more_cfgs_json": tuple(json.dumps(c) for c in self.decode_cfgs[1:]),
                                         "storage_options": self.spec.input.storage_options,
@@ -467,7 +501,8 @@ def ray_cluster_info() -> dict:
     resources = ray.cluster_resources()
     return {"address": os.environ.get("RAY_ADDRESS") or "local",
             "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
-            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
+            "memory": resources.get("memory", 0)}
 
 
 def _no_false_cpu_alarm(record: logging.LogRecord) -> bool:
@@ -492,6 +527,9 @@ def init_ray() -> str | None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Its advice ("consider setting memory=...") names a Ray option a job spec has no key for; an
+    # encoder actor's memory is its model's, steady, and the CPU plan sizes the actors to the node.
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     return f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard

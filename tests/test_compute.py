@@ -27,11 +27,29 @@ def plan(tmp_path, cluster_gpus, cpus_per_node=2, can_grow=False, **compute):
 
 def test_defaults_adapt_to_cluster(tmp_path):
     cpu = plan(tmp_path, 0)
-    assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 1, 1, 32)
+    assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 2, 2, 32)
     gpu = plan(tmp_path, 4)
     assert (gpu.device, gpu.gpus_per_actor, gpu.min_actors, gpu.max_actors, gpu.batch_size) == ("cuda", 1, 4, 4, 256)
-    assert cpu.torch_threads == 2 and gpu.torch_threads == 1  # a CPU actor uses the node's cores
+    # On CPU: one single-threaded actor per core, decoding its own batches, one CPU left for writes.
+    assert (cpu.torch_threads, cpu.cpus_per_actor, cpu.decode_in_actors) == (1, 0.5, True)
+    assert (gpu.torch_threads, gpu.cpus_per_actor, gpu.decode_in_actors) == (1, 1.0, False)
+    one = plan(tmp_path, 0, actors=1)  # one actor takes the node's cores as threads
+    assert (one.torch_threads, one.cpus_per_actor) == (2, 1.0)
+    big = plan(tmp_path, 0, cpus_per_node=16)
+    assert (big.max_actors, big.torch_threads, big.cpus_per_actor) == (8, 2, 15 / 8)
     assert plan(tmp_path, 0, cpus_per_node=16, actors=4).torch_threads == 4
+    three_nodes = ComputePlan.from_spec(load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out")), 0, 4,
+                                        nodes=3)
+    assert (three_nodes.max_actors, three_nodes.torch_threads, three_nodes.cpus_per_actor) == (12, 1, 0.75)
+    # An explicit reservation: as many actors as leave a CPU of the node free.
+    assert plan(tmp_path, 0, cpus_per_actor=1).max_actors == 1
+    assert plan(tmp_path, 0, cpus_per_node=8, cpus_per_actor=2).max_actors == 3
+    spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out"))
+    # As many CPU actors as the node's memory holds (each: its model's weights and the runtime).
+    assert ComputePlan.from_spec(spec, 0, 16, memory_per_node=10 * 2**30, actor_bytes=3 * 2**30).max_actors == 3
+    assert ComputePlan.from_spec(spec, 0, 16, memory_per_node=2**30, actor_bytes=3 * 2**30).max_actors == 1
+    logical = plan(tmp_path, 1, device="cpu", gpus_per_actor=1)  # a logical GPU: a GPU-style actor, on CPU
+    assert (logical.cpus_per_actor, logical.decode_in_actors, logical.torch_threads) == (1.0, False, 2)
 
 
 def test_fractional_gpus_and_autoscaling_pool(tmp_path):

@@ -28,6 +28,7 @@ def run_cli(tmp_path, spec: dict, *extra: str, command: str = "validate"):
     (lambda s: s["input"].update(path="/nonexistent/images"), "/nonexistent/images does not exist"),
     (lambda s: s["output"].update(storage_options={"secret": "x"}), "credentials come from the environment"),
     (lambda s: s["compute"].update(actors=[3, 1]), "compute.actors"),
+    (lambda s: s["compute"].update(cpus_per_actor=0), "compute.cpus_per_actor: must be > 0"),
     (lambda s: s.pop("output"), "missing required key 'output'"),
 ])
 def test_bad_spec_one_line(tmp_path, capsys, tiny_model, images, mutate, expected):
