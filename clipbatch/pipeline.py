@@ -65,11 +65,11 @@ class ComputePlan:
     @classmethod
     def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1,
                   can_grow: bool = False, nodes: int = 1, memory_per_node: float = math.inf,
-                  actor_bytes: int = ACTOR_OVERHEAD_BYTES) -> "ComputePlan":
+                  actor_bytes: int = ACTOR_OVERHEAD_BYTES, work_items: int | None = None) -> "ComputePlan":
         """can_grow: the job joined a running cluster, whose autoscaler may add the GPU nodes that an
         explicit gpus_per_actor asks for (a cluster scaled to zero GPU nodes reports none yet).
         memory_per_node and actor_bytes (one CPU actor's estimate) bound how many CPU actors auto puts
-        on a node."""
+        on a node, and work_items (batches or shards to do) how many are worth starting at all."""
         c = spec.compute
         if c.gpus_per_actor == "auto":
             gpus = 1.0 if cluster_gpus >= 1 and c.device != "cpu" else 0.0
@@ -90,7 +90,7 @@ class ComputePlan:
                 fit = math.floor(cpus_per_node) if c.cpus_per_actor == "auto" else \
                     math.floor(spare / c.cpus_per_actor + 1e-9)
                 fit = int(min(fit, memory_per_node // actor_bytes, MAX_CPU_ACTORS_PER_NODE))
-                low = high = nodes * max(1, fit)
+                low = high = max(1, min(nodes * fit, work_items or math.inf))
         elif isinstance(c.actors, int):
             low = high = c.actors
         else:
@@ -327,7 +327,9 @@ class Job:
             plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]),
                                          can_grow=cluster["address"] != "local", nodes=cluster["nodes"],
                                          memory_per_node=cluster["memory"] / max(1, cluster["nodes"]),
-                                         actor_bytes=self.cpu_actor_bytes)
+                                         actor_bytes=self.cpu_actor_bytes,
+                                         work_items=todo.num_rows if self.format != "images" else
+                                         math.ceil(todo.num_rows / DECODE_BATCH))
             if plan.gpus_per_actor > cluster["gpus"]:
                 print(f"clipbatch: the cluster has {cluster['gpus']:g} GPUs now; encoder actors wait for its "
                       "autoscaler to add GPU nodes", flush=True)
@@ -412,6 +414,8 @@ class Job:
         from clipbatch.shards import read_shards
 
         inputs = self.spec.input
+        # The listing's blocks go in as they are: from_blocks reads their sizes here, where from_arrow
+        # would wait for a remote task (1.4 s at a job's start, when the first worker is not up yet).
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors (on CPU, where one
         # more process per batch only competes with the encoders for the same cores).
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
@@ -420,9 +424,9 @@ class Job:
             # last tasks are short and no actor waits long for another to finish.
             per_block = min(ROWS_PER_BLOCK, plan.batch_size) if plan.decode_in_actors else ROWS_PER_BLOCK
             blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
-            rows = ray.data.from_arrow(blocks)
+            rows = ray.data.from_blocks(blocks)
         else:  # one shard per block and per reader task
-            rows = ray.data.from_arrow([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
+            rows = ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
                 read_shards, batch_size=1, num_cpus=stage_cpus,
                 fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
                            "image_column": inputs.image_column, "id_column": inputs.id_column,
