@@ -9,7 +9,8 @@
 (b) a tuned single-process loop: DataLoader workers decode and preprocess, the model runs batched,
     Parquet out; timed like (d), as a fresh process from launch to exit (Python, torch and
     open_clip imports and model load included), and also inside this process (imports excluded)
-(c) the model's pure batched forward rate on random tensors (the ceiling)
+(c) the model's pure batched forward rate on random tensors (the ceiling), one process with all threads
+(c1) on CPU: one single-threaded forward process per core at once, summed (the layout clipbatch uses there)
 (d) `clipbatch run` in a fresh process with default compute settings (Ray start-up and model load
     included)
 
@@ -148,6 +149,40 @@ def forward_ceiling(model, pretrained, batch_size=32, batches=8) -> float:
     return batch_size * batches / (time.time() - started)
 
 
+def forward_worker(model, pretrained, batch_size: int, start_at: float, seconds: float) -> float:
+    """One single-threaded forward loop timed over the same wall-clock window as its siblings'."""
+    import torch
+
+    torch.set_num_threads(1)
+    m, _, _ = load(model, pretrained)
+    size = m.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    x = torch.randn(batch_size, 3, size, size)
+    with torch.no_grad():
+        m.encode_image(x)
+        time.sleep(max(0.0, start_at - time.time()))
+        started, done = time.time(), 0
+        while time.time() - started < seconds:
+            m.encode_image(x)
+            done += batch_size
+    return done / (time.time() - started)
+
+
+def forward_per_core(args, batch_size: int) -> float:
+    """(c1) The machine's forward capacity as clipbatch's CPU plan uses it: one single-threaded
+    forward process per core, all timed over the same window; their rates summed."""
+    cores = os.cpu_count() or 1
+    seconds = 3.0 if args.smoke else 30.0
+    # The window opens after every process has imported torch and built its model.
+    start_at = time.time() + (10 if args.smoke else 20) + 5 * cores
+    procs = [subprocess.Popen([sys.executable, __file__, "--forward-worker", str(start_at), str(seconds),
+                               "--model", args.model, *(["--pretrained", args.pretrained] if args.pretrained else []),
+                               "--batch", str(batch_size)], stdout=subprocess.PIPE, text=True)
+             for _ in range(cores)]
+    rates = [float(p.communicate()[0].split()[-1]) for p in procs]
+    return sum(rates)
+
+
 class RssSampler:
     """Peak RSS of a process and, separately, of the largest Ray worker, sampled every 0.2 s."""
 
@@ -254,7 +289,8 @@ def _corpus(folder: Path, n: int, size) -> list[Path]:
     return existing[:n] if len(existing) >= n else make_corpus(folder, n, [tuple(size)])
 
 
-RATES = {"a_per_image": "d/a", "b_dataloader": "d/b", "c_forward": "d/c", "b_dataloader_in_process": "d/b_in_process"}
+RATES = {"a_per_image": "d/a", "b_dataloader": "d/b", "c_forward": "d/c", "b_dataloader_in_process": "d/b_in_process",
+         "c1_forward_per_core": "d/c1"}
 
 
 def compare(args, work: Path) -> dict:
@@ -305,6 +341,10 @@ def one_round(args, paths: list[Path], work: Path) -> dict:
         record["c_forward"] = forward_ceiling(args.model, args.pretrained, batch_size=batch,
                                               batches=8 if DEVICE == "cpu" else 40)
         print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s (batch {batch})", flush=True)
+        if DEVICE == "cpu" and (os.cpu_count() or 1) > 1:
+            record["c1_forward_per_core"] = forward_per_core(args, batch)
+            print(f"(c1) forward, 1 thread per core {record['c1_forward_per_core']:6.2f} img/s ({os.cpu_count()} "
+                  "single-threaded processes at once, as clipbatch's CPU actors run)", flush=True)
     if "b" in args.modes:
         loop = dict(batch_size=batch, workers=min(16, os.cpu_count() or 2))
         record["b_dataloader"] = dataloader_loop_process(paths, args, work / "loop.parquet", **loop)
@@ -376,8 +416,13 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="spec override for the clipbatch run, e.g. input.jpeg_draft=true")
     p.add_argument("--workdir", type=Path)
+    p.add_argument("--forward-worker", nargs=2, type=float, metavar=("START_AT", "SECONDS"), help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
+    if args.forward_worker:
+        print(forward_worker(args.model, args.pretrained, args.batch, *args.forward_worker), flush=True)
+        return
     global DEVICE
     DEVICE = args.device
     work = args.workdir or Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
