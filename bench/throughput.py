@@ -316,8 +316,11 @@ def compare(args, work: Path) -> dict:
         steady = [r["d_clipbatch"]["timings"].get("steady_img_per_s") for r in rounds]
         if all(steady) and "c_forward" in record:
             record["steady_d/c"] = statistics.median(steady) / record["c_forward"]
+            if "c1_forward_per_core" in record:
+                record["steady_d/c1"] = statistics.median(steady) / record["c1_forward_per_core"]
             print(f"(d) once running: {statistics.median(steady):.2f} img/s from its first batch to its last = "
-                  f"{record['steady_d/c']:.2f} of the forward ceiling (what a long job runs at)", flush=True)
+                  f"{record['steady_d/c']:.2f} of (c)" + (f", {record['steady_d/c1']:.2f} of (c1)" if "steady_d/c1" in record
+                                                          else "") + " (what a long job runs at)", flush=True)
         for key, name in RATES.items():
             if key in record:
                 record["ratios"][name] = rate / record[key]

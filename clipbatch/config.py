@@ -161,6 +161,11 @@ class OutputSpec(_Strict):
     rows_per_part: int = Field(4096, ge=1)
 
 
+_COMPUTE_BOUNDS = {"batch_size": (lambda v: v >= 1, "must be >= 1"),
+                   "gpus_per_actor": (lambda v: v >= 0, "must be >= 0"),
+                   "cpus_per_actor": (lambda v: v > 0, "must be > 0")}
+
+
 class ComputeSpec(_Strict):
     batch_size: Union[Literal["auto"], int] = "auto"
     actors: Union[Literal["auto"], int, tuple[int, int]] = "auto"
@@ -168,11 +173,12 @@ class ComputeSpec(_Strict):
     cpus_per_actor: Union[Literal["auto"], float] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
-    @field_validator("batch_size")
+    @field_validator(*_COMPUTE_BOUNDS)
     @classmethod
-    def _positive_batch(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be >= 1")
+    def _in_range(cls, v, info):
+        ok, message = _COMPUTE_BOUNDS[info.field_name]
+        if v != "auto" and not ok(v):
+            raise ValueError(message)
         return v
 
     @field_validator("actors")
@@ -182,20 +188,6 @@ class ComputeSpec(_Strict):
             raise ValueError("must be >= 1")
         if isinstance(v, tuple) and not 1 <= v[0] <= v[1]:
             raise ValueError("must be [min, max] with 1 <= min <= max")
-        return v
-
-    @field_validator("gpus_per_actor")
-    @classmethod
-    def _gpus_range(cls, v):
-        if isinstance(v, float) and v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("cpus_per_actor")
-    @classmethod
-    def _cpus_positive(cls, v):
-        if isinstance(v, float) and v <= 0:
-            raise ValueError("must be > 0")
         return v
 
 
