@@ -65,11 +65,13 @@ class ComputePlan:
     @classmethod
     def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1,
                   can_grow: bool = False, nodes: int = 1, memory_per_node: float = math.inf,
-                  actor_bytes: int = ACTOR_OVERHEAD_BYTES, work_items: int | None = None) -> "ComputePlan":
+                  actor_bytes: int = ACTOR_OVERHEAD_BYTES, rows_to_do: int | None = None,
+                  shards: bool = False) -> "ComputePlan":
         """can_grow: the job joined a running cluster, whose autoscaler may add the GPU nodes that an
         explicit gpus_per_actor asks for (a cluster scaled to zero GPU nodes reports none yet).
         memory_per_node and actor_bytes (one CPU actor's estimate) bound how many CPU actors auto puts
-        on a node, and work_items (batches or shards to do) how many are worth starting at all."""
+        on a node, and rows_to_do (listing rows: images, or shards when shards is set) how many are
+        worth starting at all: no more than the listing's blocks."""
         c = spec.compute
         if c.gpus_per_actor == "auto":
             gpus = 1.0 if cluster_gpus >= 1 and c.device != "cpu" else 0.0
@@ -81,6 +83,10 @@ class ComputePlan:
             raise SpecError("compute.device is cuda but no GPU is requested (the Ray cluster reports no GPUs)")
         device = ("cuda" if gpus > 0 else "cpu") if c.device == "auto" else c.device
         nodes = max(1, nodes)
+        batch = c.batch_size if c.batch_size != "auto" else (256 if device == "cuda" else 32)
+        decode_in_actors = gpus == 0
+        blocks = None if rows_to_do is None else \
+            rows_to_do if shards else math.ceil(rows_to_do / listing_rows_per_block(decode_in_actors, batch))
         # CPU actors leave one CPU of each node to the Parquet write tasks (1 CPU each).
         spare = max(0.0, cpus_per_node - 1)
         if c.actors == "auto":
@@ -90,7 +96,7 @@ class ComputePlan:
                 fit = math.floor(cpus_per_node) if c.cpus_per_actor == "auto" else \
                     math.floor(spare / c.cpus_per_actor + 1e-9)
                 fit = int(min(fit, memory_per_node // actor_bytes, MAX_CPU_ACTORS_PER_NODE))
-                low = high = max(1, min(nodes * fit, work_items or math.inf))
+                low = high = max(1, min(nodes * fit, blocks or math.inf))
         elif isinstance(c.actors, int):
             low = high = c.actors
         else:
@@ -100,12 +106,17 @@ class ComputePlan:
             cpus = float(c.cpus_per_actor)
         else:
             cpus = spare / per_node if gpus == 0 and spare > 0 else 1.0
-        batch = c.batch_size if c.batch_size != "auto" else (256 if device == "cuda" else 32)
         # Ray pins an actor to as many threads as CPUs it reserved, which would halve a CPU encoder
         # that reserved a fraction; its threads are the node's cores shared by its actors.
         threads = max(math.ceil(cpus), math.floor(cpus_per_node / per_node)) if device == "cpu" \
             else math.ceil(cpus)
-        return cls(device, gpus, cpus, low, high, batch, threads, decode_in_actors=gpus == 0)
+        return cls(device, gpus, cpus, low, high, batch, threads, decode_in_actors)
+
+
+def listing_rows_per_block(decode_in_actors: bool, batch_size: int) -> int:
+    """Listing rows per Ray block. In CPU actors a block is one task of decode and encode: a batch
+    each, so that the job's last tasks are short and no actor waits long for another to finish."""
+    return min(ROWS_PER_BLOCK, batch_size) if decode_in_actors else ROWS_PER_BLOCK
 
 
 @dataclass
@@ -327,9 +338,8 @@ class Job:
             plan = ComputePlan.from_spec(self.spec, cluster["gpus"], cluster["cpus"] / max(1, cluster["nodes"]),
                                          can_grow=cluster["address"] != "local", nodes=cluster["nodes"],
                                          memory_per_node=cluster["memory"] / max(1, cluster["nodes"]),
-                                         actor_bytes=self.cpu_actor_bytes,
-                                         work_items=todo.num_rows if self.format != "images" else
-                                         math.ceil(todo.num_rows / DECODE_BATCH))
+                                         actor_bytes=self.cpu_actor_bytes, rows_to_do=todo.num_rows,
+                                         shards=self.format != "images")
             if plan.gpus_per_actor > cluster["gpus"]:
                 print(f"clipbatch: the cluster has {cluster['gpus']:g} GPUs now; encoder actors wait for its "
                       "autoscaler to add GPU nodes", flush=True)
@@ -414,15 +424,13 @@ class Job:
         from clipbatch.shards import read_shards
 
         inputs = self.spec.input
-        # The listing's blocks go in as they are: from_blocks reads their sizes here, where from_arrow
-        # would wait for a remote task (1.4 s at a job's start, when the first worker is not up yet).
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors (on CPU, where one
         # more process per batch only competes with the encoders for the same cores).
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
+        # The listing's blocks go in as they are: from_blocks reads their sizes here, where from_arrow
+        # would wait for a remote task (1.4 s at a job's start, when the first worker is not up yet).
         if self.format == "images":
-            # In CPU actors a block is one task of decode and encode: a batch each, so that the job's
-            # last tasks are short and no actor waits long for another to finish.
-            per_block = min(ROWS_PER_BLOCK, plan.batch_size) if plan.decode_in_actors else ROWS_PER_BLOCK
+            per_block = listing_rows_per_block(plan.decode_in_actors, plan.batch_size)
             blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
             rows = ray.data.from_blocks(blocks)
         else:  # one shard per block and per reader task

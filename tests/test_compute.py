@@ -49,8 +49,9 @@ def test_defaults_adapt_to_cluster(tmp_path):
     assert ComputePlan.from_spec(spec, 0, 16, memory_per_node=10 * 2**30, actor_bytes=3 * 2**30).max_actors == 3
     assert ComputePlan.from_spec(spec, 0, 16, memory_per_node=2**30, actor_bytes=3 * 2**30).max_actors == 1
     # No more actors than there are batches to do: a 20-image job gets one, with the node's cores.
-    small = ComputePlan.from_spec(spec, 0, 2, work_items=1)
+    small = ComputePlan.from_spec(spec, 0, 2, rows_to_do=20)
     assert (small.max_actors, small.torch_threads, small.cpus_per_actor) == (1, 2, 1.0)
+    assert ComputePlan.from_spec(spec, 0, 2, rows_to_do=1, shards=True).max_actors == 1  # one shard, one actor
     logical = plan(tmp_path, 1, device="cpu", gpus_per_actor=1)  # a logical GPU: a GPU-style actor, on CPU
     assert (logical.cpus_per_actor, logical.decode_in_actors, logical.torch_threads) == (1.0, False, 2)
 
