@@ -129,14 +129,21 @@ def dataloader_loop_process(paths, args, out: Path, batch_size: int, workers: in
     return len(paths) / (time.time() - started)
 
 
+def _model_and_random_batch(model, pretrained, batch_size: int):
+    """The model and one batch of random images of its input size, on DEVICE."""
+    import torch
+
+    m, _, _ = load(model, pretrained)
+    size = m.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    return m, _input(torch.randn(batch_size, 3, size, size))
+
+
 def forward_ceiling(model, pretrained, batch_size=32, batches=8) -> float:
     """(c) Pure batched forward on random tensors, fp32."""
     import torch
 
-    m, preprocess, _ = load(model, pretrained)
-    size = m.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    x = _input(torch.randn(batch_size, 3, size, size))
+    m, x = _model_and_random_batch(model, pretrained, batch_size)
     with torch.no_grad():
         m.encode_image(x)
         if DEVICE == "cuda":
@@ -154,10 +161,7 @@ def forward_worker(model, pretrained, batch_size: int, start_at: float, seconds:
     import torch
 
     torch.set_num_threads(1)
-    m, _, _ = load(model, pretrained)
-    size = m.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    x = torch.randn(batch_size, 3, size, size)
+    m, x = _model_and_random_batch(model, pretrained, batch_size)
     with torch.no_grad():
         m.encode_image(x)
         time.sleep(max(0.0, start_at - time.time()))
@@ -316,11 +320,12 @@ def compare(args, work: Path) -> dict:
         steady = [r["d_clipbatch"]["timings"].get("steady_img_per_s") for r in rounds]
         if all(steady) and "c_forward" in record:
             record["steady_d/c"] = statistics.median(steady) / record["c_forward"]
+            shares = [f"{record['steady_d/c']:.2f} of (c)"]
             if "c1_forward_per_core" in record:
                 record["steady_d/c1"] = statistics.median(steady) / record["c1_forward_per_core"]
+                shares.append(f"{record['steady_d/c1']:.2f} of (c1)")
             print(f"(d) once running: {statistics.median(steady):.2f} img/s from its first batch to its last = "
-                  f"{record['steady_d/c']:.2f} of (c)" + (f", {record['steady_d/c1']:.2f} of (c1)" if "steady_d/c1" in record
-                                                          else "") + " (what a long job runs at)", flush=True)
+                  f"{', '.join(shares)} (what a long job runs at)", flush=True)
         for key, name in RATES.items():
             if key in record:
                 record["ratios"][name] = rate / record[key]
