@@ -347,8 +347,14 @@ class Job:
                   f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
                   f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
                   f"batch {plan.batch_size}", flush=True)
-            if stored is not None or head_here is not None:
-                prepared, schema = (ray.put(part) for part in (stored or head_here.result()))
+            ready = stored or (head_here.result() if head_here else None)
+            if ready is None and plan.device == "cpu" and _ray_is_this_machine():
+                # A Ray the caller started on this machine (a notebook, a script): the driver has the
+                # model code imported already, where a task's fresh worker would import torch and
+                # open_clip again (16 s for a tiny model's head on 2 cores, the encoder waiting for it).
+                ready = _prepare_text_heads(*head_args("cpu"))
+            if ready is not None:
+                prepared, schema = (ray.put(part) for part in ready)
             else:
                 gpus = plan.gpus_per_actor if plan.device == "cuda" else 0  # logical GPUs compute on CPU
                 prepared, schema = ray.remote(_prepare_text_heads).options(
@@ -515,6 +521,14 @@ def ray_cluster_info() -> dict:
             "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
             "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
             "memory": resources.get("memory", 0)}
+
+
+def _ray_is_this_machine() -> bool:
+    """True when the connected Ray is one node, the driver's own."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
 
 
 def _no_false_cpu_alarm(record: logging.LogRecord) -> bool:

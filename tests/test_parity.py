@@ -95,7 +95,8 @@ def test_builtin_name_with_checkpoint_file(tmp_path, images, ray_local):
 @pytest.mark.slow
 def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, ray_local):
     """`clipbatch run` on a CPU machine with no Ray running builds the text head in the driver while Ray
-    starts; its results equal those of a run whose text head came from a Ray task."""
+    starts; its results equal those of clipbatch.run() in a Ray already running here (whose head the
+    driver builds after connecting; test_multinode compares a head built by a Ray task)."""
     import os
     import subprocess
     import sys
@@ -110,7 +111,7 @@ def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, 
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec["output"]["path"] = str(tmp_path / "lib")
-    assert clipbatch.run(spec).complete  # Ray is already running here: the text head comes from a task
+    assert clipbatch.run(spec).complete  # Ray is already running here
     cli = pq.read_table(tmp_path / "cli").sort_by("id")
     lib = pq.read_table(tmp_path / "lib").sort_by("id")
     assert cli["id"].to_pylist() == lib["id"].to_pylist()

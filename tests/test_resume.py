@@ -45,10 +45,13 @@ SPEC = {"model": {"name": "clipbatch-demo"},
         "compute": {"batch_size": 8}}
 
 
-def write_job(path, source: str, out: str, options: dict):
-    spec = {**SPEC, "input": {"path": source, "storage_options": options},
+def job_spec(source: str, out: str, options: dict) -> dict:
+    return {**SPEC, "input": {"path": source, "storage_options": options},
             "output": {"path": out, "storage_options": options, "rows_per_part": 24, "embedding_dtype": "float32"}}
-    path.write_text(yaml.safe_dump(spec))
+
+
+def write_job(path, source: str, out: str, options: dict):
+    path.write_text(yaml.safe_dump(job_spec(source, out, options)))
     return path
 
 
@@ -57,14 +60,13 @@ def env_without_cluster() -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The same images labeled by an uninterrupted run, once for both storages."""
+def uninterrupted(tmp_path_factory, ray_local):
+    """The same images labeled by an uninterrupted run (in this process's Ray), once for both storages."""
+    import clipbatch
+
     folder = tmp_path_factory.mktemp("uninterrupted")
     mixed_images(folder / "images", n=N_IMAGES)  # the same files: mixed_images is deterministic
-    job = write_job(folder / "clean.yaml", str(folder / "images"), str(folder / "clean"), {})
-    done = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(job)], env=env_without_cluster(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert clipbatch.run(job_spec(str(folder / "images"), str(folder / "clean"), {})).complete
     return pq.read_table(folder / "clean").sort_by("id")
 
 
