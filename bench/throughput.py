@@ -156,14 +156,17 @@ def forward_ceiling(model, pretrained, batch_size=32, batches=8) -> float:
     return batch_size * batches / (time.time() - started)
 
 
-def forward_worker(model, pretrained, batch_size: int, start_at: float, seconds: float) -> float:
-    """One single-threaded forward loop timed over the same wall-clock window as its siblings'."""
+def forward_worker(model, pretrained, batch_size: int, seconds: float) -> float:
+    """One single-threaded forward loop timed over the same wall-clock window as its siblings':
+    says "ready" once warm, then reads the window's start time from its parent."""
     import torch
 
     torch.set_num_threads(1)
     m, x = _model_and_random_batch(model, pretrained, batch_size)
     with torch.no_grad():
         m.encode_image(x)
+        print("ready", flush=True)
+        start_at = float(sys.stdin.readline())
         time.sleep(max(0.0, start_at - time.time()))
         started, done = time.time(), 0
         while time.time() - started < seconds:
@@ -177,14 +180,16 @@ def forward_per_core(args, batch_size: int) -> float:
     forward process per core, all timed over the same window; their rates summed."""
     cores = os.cpu_count() or 1
     seconds = 3.0 if args.smoke else 30.0
-    # The window opens after every process has imported torch and built its model.
-    start_at = time.time() + (10 if args.smoke else 20) + 5 * cores
-    procs = [subprocess.Popen([sys.executable, __file__, "--forward-worker", str(start_at), str(seconds),
+    procs = [subprocess.Popen([sys.executable, __file__, "--forward-worker", str(seconds),
                                "--model", args.model, *(["--pretrained", args.pretrained] if args.pretrained else []),
-                               "--batch", str(batch_size)], stdout=subprocess.PIPE, text=True)
+                               "--batch", str(batch_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(cores)]
-    rates = [float(p.communicate()[0].split()[-1]) for p in procs]
-    return sum(rates)
+    for p in procs:  # the window opens once every process has imported torch and warmed its model up
+        while p.stdout.readline().strip() != "ready":
+            if p.poll() is not None:
+                raise RuntimeError(f"a (c1) forward process exited with {p.returncode}")
+    start_at = time.time() + 0.5
+    return sum(float(p.communicate(f"{start_at}\n")[0].split()[-1]) for p in procs)
 
 
 class RssSampler:
@@ -424,12 +429,12 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="spec override for the clipbatch run, e.g. input.jpeg_draft=true")
     p.add_argument("--workdir", type=Path)
-    p.add_argument("--forward-worker", nargs=2, type=float, metavar=("START_AT", "SECONDS"), help=argparse.SUPPRESS)
+    p.add_argument("--forward-worker", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
     if args.forward_worker:
-        print(forward_worker(args.model, args.pretrained, args.batch, *args.forward_worker), flush=True)
+        print(forward_worker(args.model, args.pretrained, args.batch, args.forward_worker), flush=True)
         return
     global DEVICE
     DEVICE = args.device
