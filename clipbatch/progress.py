@@ -79,6 +79,8 @@ class ProgressReporter:
 
     def _line(self) -> str:
         done, errors = self.read()
+        # Batches that Ray ran again (their node was lost) are counted again: never show more than the total.
+        done, errors = min(done, self.total), min(errors, self.total)
         now = time.time()
         if done and self.first is None:
             self.first = (now, done)

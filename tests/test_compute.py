@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import yaml
 
 from clipbatch.config import SpecError, load_spec
 from clipbatch.decode import read_and_decode
@@ -106,31 +102,3 @@ def test_encoder_precisions_on_cpu(tiny_model, images, precision, min_cosine):
     b = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     assert ((a * b).sum(1) >= min_cosine).all()
     assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-3)
-
-
-@pytest.mark.slow
-def test_logical_gpus_schedule_cpu_actors(tmp_path, tiny_model, images):
-    """A Ray with one logical GPU: the encoder reserves it, computes on CPU when told to, and
-    fails loudly when it would have to find CUDA (both jobs in one Ray, one after the other)."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import json, sys, ray, clipbatch\n"
-        "ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)\n"
-        "for spec in json.loads(sys.argv[1]):\n"
-        "    try:\n"
-        "        s = clipbatch.run(spec)\n"
-        "        print('RESULT', json.dumps({'device': s.device, 'rows': s.rows}), flush=True)\n"
-        "    except Exception as exc:\n"
-        "        print('FAILED', type(exc).__name__, str(exc).replace(chr(10), ' '), flush=True)\n")
-    on_cpu = spec_dict(images, tiny_model, tmp_path / "out", compute={"device": "cpu", "gpus_per_actor": 1})
-    on_cuda = spec_dict(images, tiny_model, tmp_path / "out2")  # device auto -> cuda on the logical GPU
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, str(script), json.dumps([on_cpu, on_cuda])], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first, second = [line for line in proc.stdout.splitlines() if line.startswith(("RESULT", "FAILED"))]
-    assert first == 'RESULT {"device": "cpu", "rows": 24}', proc.stdout[-3000:]
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["compute"]["gpus_per_actor"] == 1.0
-    assert second.startswith("FAILED") and "finds no CUDA device" in second, proc.stdout[-3000:]
-    assert not (tmp_path / "out2" / "_SUCCESS").exists()

@@ -1,10 +1,12 @@
 """A real multi-node Ray (ray.cluster_utils.Cluster): a CPU head and two worker nodes with one
 logical GPU and two CPUs each, running one job whose encoder pool autoscales from 1 to 2 actors.
 Part-way through, once both GPU nodes run an encoder, one of those nodes is killed (every
-process, SIGKILL) and a fresh GPU node joins, as a cluster autoscaler would replace it.
+process, SIGKILL) and a fresh GPU node joins, as a cluster autoscaler would replace it. Then a
+second job on the same logical GPUs, with `device: auto`, needs CUDA and must fail loudly.
 
 Checked: encoder actors only on GPU nodes, and on both; decode tasks ask for CPU only; the job
-completes with every input exactly once; the results equal a single-node run.
+completes with every input exactly once; the results equal a single-node run; an encoder that
+would need CUDA where there is none fails the job with a clear error and writes no _SUCCESS.
 
 The cluster runs in its own subprocess with its own RAY_TMPDIR, so that no other `ray.init()`
 on this machine finds it.
@@ -44,7 +46,7 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-spec = json.loads(sys.argv[1])
+spec, on_cuda = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 # The dashboard (for the state API) on free ports: the defaults may belong to another Ray here.
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 2, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
@@ -53,32 +55,47 @@ gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
 ENCODER = "MapWorker(MapBatches(_CountingEncoder))"
 out = Path(spec["output"]["path"])
-killed = {}
+killed, finished = {}, {}
 
-def kill_an_encoder_node():
-    # Once both GPU nodes run an encoder actor, SIGKILL every process of one of them, then add a
-    # fresh GPU node as a cluster autoscaler would.
-    while True:
-        alive = {a.node_id for a in list_actors(filters=[("class_name", "=", ENCODER), ("state", "=", "ALIVE")])}
-        if len(alive) == 2:
-            break
-        time.sleep(0.5)
+def run_job():
+    try:
+        finished["summary"] = clipbatch.run(spec)
+    except BaseException as exc:
+        finished["error"] = exc
+
+# The job runs in a thread; this main thread replaces the node, since Cluster.add_node sets signal
+# handlers, which only the main thread may.
+job = threading.Thread(target=run_job)
+job.start()
+while job.is_alive():  # once both GPU nodes run an encoder actor...
+    alive = {a.node_id for a in list_actors(filters=[("class_name", "=", ENCODER), ("state", "=", "ALIVE")])}
+    if len(alive) == 2:
+        break
+    time.sleep(0.5)
+if job.is_alive():  # ...SIGKILL every process of one of them, then add a fresh GPU node as an autoscaler would
     killed["both_alive"] = sorted(alive)
     killed["parts_before"] = len(list(out.glob("part-*.parquet")))
     victim = gpu_nodes[0]
     cluster.remove_node(victim, allow_graceful=False)
     killed["node"] = victim.node_id
     gpu_nodes.append(cluster.add_node(num_cpus=2, num_gpus=1))
-
-threading.Thread(target=kill_an_encoder_node, daemon=True).start()
-summary = clipbatch.run(spec)
+job.join()
+if "error" in finished:
+    raise finished["error"]
+summary = finished["summary"]
 encoders = [a.node_id for a in list_actors(filters=[("class_name", "=", ENCODER)], detail=True, limit=1000)]
 decode = [(t.node_id, t.required_resources) for t in list_tasks(
     filters=[("name", "=", "MapBatches(read_and_decode)")], detail=True, limit=10000)]
+alive_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+try:  # device auto on logical GPUs: the encoders would need CUDA, which this machine has not
+    clipbatch.run(on_cuda)
+    cuda_job = "completed"
+except Exception as exc:
+    cuda_job = f"{type(exc).__name__}: {exc}"
 print("RESULT " + json.dumps({
     "rows": summary.rows, "complete": summary.complete, "device": summary.device,
-    "head": cluster.head_node.node_id, "gpu_nodes": [n.node_id for n in gpu_nodes],
-    "encoder_nodes": encoders, "decode": decode, "killed": killed}), flush=True)
+    "head": cluster.head_node.node_id, "gpu_nodes": [n.node_id for n in gpu_nodes], "alive_nodes": alive_nodes,
+    "encoder_nodes": encoders, "decode": decode, "killed": killed, "cuda_job": cuda_job}), flush=True)
 ray.shutdown()
 cluster.shutdown()
 """
@@ -108,13 +125,15 @@ def cluster_run(tmp_path_factory, slow_model, small_images):
     tmp = tmp_path_factory.mktemp("multinode")
     spec = spec_dict(small_images, slow_model, tmp / "out", output={"rows_per_part": 64},
                      compute={"device": "cpu", "gpus_per_actor": 1, "actors": [1, 2], "batch_size": 8})
+    on_cuda = spec_dict(small_images, slow_model, tmp / "cuda-out")  # device auto -> cuda on the logical GPUs
+    on_cuda["input"]["path"] = [str(p) for p in sorted(small_images.iterdir())[:24]]
     script = tmp / "cluster.py"
     script.write_text(SCRIPT)
     ray_tmp = tempfile.mkdtemp(prefix="cbm", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     try:
-        proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, str(script), json.dumps(spec), json.dumps(on_cuda)], capture_output=True, text=True,
                               timeout=480, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -150,6 +169,18 @@ def test_losing_an_encoder_node_part_way_loses_and_duplicates_nothing(cluster_ru
     assert set(ids) == {p.name for p in small_images.iterdir()}
     assert killed["parts_before"] < len(list(out.glob("part-*.parquet")))  # it was part-way
     assert (out / "_SUCCESS").exists()
+    # The replacement joined: the head, the surviving GPU node and the new one are alive.
+    assert len(result["gpu_nodes"]) == 3 and set(result["alive_nodes"]) == {result["head"], *result["gpu_nodes"][1:]}
+    assert json.loads((out / "_manifest.json").read_text())["compute"]["gpus_per_actor"] == 1.0
+
+
+@pytest.mark.slow
+def test_an_encoder_that_needs_cuda_fails_loudly_on_logical_gpus(cluster_run):
+    """`device: auto` on a GPU node plans CUDA; on a logical GPU (no CUDA here) the job fails with
+    a clear error instead of quietly computing elsewhere, and leaves no _SUCCESS."""
+    result, output, out = cluster_run
+    assert "finds no CUDA device" in result["cuda_job"], result["cuda_job"]
+    assert not (out.parent / "cuda-out" / "_SUCCESS").exists()
 
 
 @pytest.mark.slow

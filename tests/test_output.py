@@ -100,6 +100,20 @@ def test_steady_rate_counts_from_the_first_batch(monkeypatch):
     assert counter.read() == (160, 4) and counter.steady_rate() == (100.0, pytest.approx(128 / 13))
 
 
+def test_progress_never_shows_more_than_the_total():
+    """Batches Ray runs again after losing a node are counted again (seen: 2,016 of 2,000 in the
+    multi-node test); the line a user reads stops at the total."""
+    import io
+
+    from clipbatch.progress import ProgressReporter
+
+    log = io.StringIO()
+    with ProgressReporter(lambda: (2016, 2010), 2000, interval=60, stream=log):
+        pass
+    assert log.getvalue().startswith("clipbatch: 2,000/2,000 images (100.0%),")
+    assert ", 2,000 errors," in log.getvalue()
+
+
 def test_duckdb_reads_output(finished):
     out, _ = finished
     con = duckdb.connect()
