@@ -41,16 +41,32 @@ def reference(model_name: str, image_paths, root):
     return out
 
 
+def parity_spec(images, model_name: str, out) -> dict:
+    return spec_dict(images, model_name, out, model={"precision": "fp32"},
+                     labels={"classes": CLASSES, "templates": TEMPLATES}, output={"embedding_dtype": "float32"})
+
+
+@pytest.fixture(scope="module")
+def library_run(tmp_path_factory, images, ray_local):
+    """clipbatch.run() of parity_spec in the tests' Ray, once per model: compared with open_clip's
+    reference, and with the command line's run of the same spec."""
+    runs = {}
+
+    def run(model_name: str):
+        if model_name not in runs:
+            out = tmp_path_factory.mktemp("library") / "out"
+            runs[model_name] = clipbatch.run(parity_spec(images, model_name, out)), out
+        return runs[model_name]
+    return run
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "siglip_model"])
-def test_matches_open_clip_reference(request, model_fixture, images, tmp_path, ray_local):
+def test_matches_open_clip_reference(request, model_fixture, images, library_run):
     model_name = request.getfixturevalue(model_fixture)
-    spec = spec_dict(images, model_name, tmp_path / "out",
-                     model={"precision": "fp32"}, labels={"classes": CLASSES, "templates": TEMPLATES},
-                     output={"embedding_dtype": "float32"})
-    summary = clipbatch.run(spec)
+    summary, out = library_run(model_name)
     assert summary.complete and summary.rows == 24 and summary.errors == 0
 
-    table = pq.read_table(tmp_path / "out")
+    table = pq.read_table(out)
     rows = {r["id"]: r for r in table.to_pylist()}
     expected = reference(model_name, sorted(images.rglob("*.*")), images)
     assert set(rows) == set(expected)
@@ -93,7 +109,7 @@ def test_builtin_name_with_checkpoint_file(tmp_path, images, ray_local):
 
 
 @pytest.mark.slow
-def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, ray_local):
+def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, library_run):
     """`clipbatch run` on a CPU machine with no Ray running builds the text head in the driver while Ray
     starts; its results equal those of clipbatch.run() in a Ray already running here (whose head the
     driver builds after connecting; test_multinode compares a head built by a Ray task)."""
@@ -103,17 +119,15 @@ def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, 
 
     import yaml
 
-    spec = spec_dict(images, tiny_model, tmp_path / "cli", model={"precision": "fp32"},
-                     output={"embedding_dtype": "float32"})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(parity_spec(images, tiny_model, tmp_path / "cli")))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(tmp_path / "job.yaml")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    spec["output"]["path"] = str(tmp_path / "lib")
-    assert clipbatch.run(spec).complete  # Ray is already running here
+    summary, out = library_run(tiny_model)  # Ray is already running here
+    assert summary.complete
     cli = pq.read_table(tmp_path / "cli").sort_by("id")
-    lib = pq.read_table(tmp_path / "lib").sort_by("id")
+    lib = pq.read_table(out).sort_by("id")
     assert cli["id"].to_pylist() == lib["id"].to_pylist()
     np.testing.assert_allclose(np.stack(cli["scores"].to_numpy(zero_copy_only=False)),
                                np.stack(lib["scores"].to_numpy(zero_copy_only=False)), atol=1e-6)
