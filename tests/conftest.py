@@ -63,3 +63,25 @@ def spec_dict(images_path, model_name: str, out_path, **sections) -> dict:
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}
     return spec
+
+
+def library_spec(images_path, model_name: str, out_path) -> dict:
+    """The job test_parity checks against open_clip's reference (fp32, float32 embeddings)."""
+    return spec_dict(images_path, model_name, out_path, model={"precision": "fp32"},
+                     output={"embedding_dtype": "float32"})
+
+
+@pytest.fixture(scope="session")
+def library_run(tmp_path_factory, images, ray_local):
+    """clipbatch.run() of library_spec on the mixed images in the tests' Ray, once per model: the
+    parity test compares it with open_clip, other tests compare their own runs of it with it."""
+    import clipbatch
+
+    runs = {}
+
+    def run(model_name: str):
+        if model_name not in runs:
+            out = tmp_path_factory.mktemp("library") / "out"
+            runs[model_name] = clipbatch.run(library_spec(images, model_name, out)), out
+        return runs[model_name]
+    return run

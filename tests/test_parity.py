@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import clipbatch
-from conftest import spec_dict
+from conftest import library_spec, spec_dict
 
 CLASSES = ["cat", "dog", "car", "tree", "house"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -39,25 +39,6 @@ def reference(model_name: str, image_paths, root):
                 probs = logits.softmax(-1)
             out[str(path.relative_to(root))] = (emb[0].numpy(), probs[0].numpy())
     return out
-
-
-def parity_spec(images, model_name: str, out) -> dict:
-    return spec_dict(images, model_name, out, model={"precision": "fp32"},
-                     labels={"classes": CLASSES, "templates": TEMPLATES}, output={"embedding_dtype": "float32"})
-
-
-@pytest.fixture(scope="module")
-def library_run(tmp_path_factory, images, ray_local):
-    """clipbatch.run() of parity_spec in the tests' Ray, once per model: compared with open_clip's
-    reference, and with the command line's run of the same spec."""
-    runs = {}
-
-    def run(model_name: str):
-        if model_name not in runs:
-            out = tmp_path_factory.mktemp("library") / "out"
-            runs[model_name] = clipbatch.run(parity_spec(images, model_name, out)), out
-        return runs[model_name]
-    return run
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "siglip_model"])
@@ -119,7 +100,7 @@ def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, 
 
     import yaml
 
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(parity_spec(images, tiny_model, tmp_path / "cli")))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(library_spec(images, tiny_model, tmp_path / "cli")))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(tmp_path / "job.yaml")],
                           capture_output=True, text=True, env=env, timeout=300)

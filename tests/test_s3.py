@@ -14,7 +14,7 @@ import s3fs
 
 import clipbatch
 import s3server
-from conftest import spec_dict
+from conftest import library_spec, spec_dict
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,10 @@ def bucket(s3, images):
 
 
 def s3_spec(s3, model, out="s3://pets/out"):
-    opts = {"endpoint_url": s3.endpoint}
-    return spec_dict("s3://pets/images", model, out, input={"storage_options": opts},
-                     output={"storage_options": opts, "embedding_dtype": "float32"})
+    """The parity tests' job (library_spec) with its images and its output on S3."""
+    spec = library_spec("s3://pets/images", model, out)
+    spec["input"]["storage_options"] = spec["output"]["storage_options"] = {"endpoint_url": s3.endpoint}
+    return spec
 
 
 def test_anonymous_requests_are_refused(s3, bucket):
@@ -37,15 +38,15 @@ def test_anonymous_requests_are_refused(s3, bucket):
         anon.ls("pets/images")
 
 
-def test_s3_in_s3_out_equals_local(s3, bucket, images, tiny_model, tmp_path, ray_local):
+def test_s3_in_s3_out_equals_local(s3, bucket, tiny_model, library_run):
     summary = clipbatch.run(s3_spec(s3, tiny_model))
     assert summary.complete and summary.rows == 24 and summary.output == "s3://pets/out"
     assert bucket.exists("pets/out/_SUCCESS") and bucket.exists("pets/out/_manifest.json")
     remote = pq.read_table("pets/out", filesystem=bucket).sort_by("id")
 
-    local = clipbatch.run(spec_dict(images, tiny_model, tmp_path / "local", output={"embedding_dtype": "float32"}))
+    local, out = library_run(tiny_model)  # the same job on local disk
     assert local.complete
-    here = pq.read_table(tmp_path / "local").sort_by("id")
+    here = pq.read_table(out).sort_by("id")
     assert remote["id"].to_pylist() == here["id"].to_pylist()
     assert all(s.startswith("s3://pets/images/") for s in remote["source"].to_pylist())
     np.testing.assert_allclose(np.stack(remote["scores"].to_numpy(zero_copy_only=False)),
