@@ -85,3 +85,29 @@ def library_run(tmp_path_factory, images, ray_local):
             runs[model_name] = clipbatch.run(library_spec(images, model_name, out)), out
         return runs[model_name]
     return run
+
+
+@pytest.fixture(scope="session")
+def pets_bucket(s3, images):
+    """The mixed images on the S3 server, at s3://pets/images; yields an s3fs filesystem."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True)
+    fs.mkdir("pets")
+    fs.put(str(images) + "/", "pets/images/", recursive=True)
+    return fs
+
+
+def s3_library_spec(s3, model_name: str, out: str = "s3://pets/out") -> dict:
+    """library_spec with its images (pets_bucket) and its output on S3."""
+    spec = library_spec("s3://pets/images", model_name, out)
+    spec["input"]["storage_options"] = spec["output"]["storage_options"] = {"endpoint_url": s3.endpoint}
+    return spec
+
+
+@pytest.fixture(scope="session")
+def s3_library_run(s3, pets_bucket, tiny_model, ray_local):
+    """s3_library_spec with the tiny model into s3://pets/out, once a session (S3 round trip, relabel on S3)."""
+    import clipbatch
+
+    return clipbatch.run(s3_library_spec(s3, tiny_model))

@@ -20,7 +20,7 @@ from clipbatch.cli import main as cli_main
 from clipbatch.config import SpecError
 from clipbatch.relabel import Relabel
 from clipbatch.schema import read_metadata
-from conftest import spec_dict
+from conftest import s3_library_spec, spec_dict
 from helpers import chromium_dom
 from test_output import broken_images, broken_spec  # noqa: F401 (broken_images is a fixture)
 
@@ -244,34 +244,28 @@ def test_search_refusals(fp32_output, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_relabel_and_search_on_s3(s3, images, tiny_model, ray_local):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True)
-    fs.mkdir("reuse")
-    fs.put(str(images) + "/", "reuse/images/", recursive=True)
-    opts = {"endpoint_url": s3.endpoint}
-    spec = spec_dict("s3://reuse/images", tiny_model, "s3://reuse/out", input={"storage_options": opts},
-                     output={"storage_options": opts, "embedding_dtype": "float32"})
-    assert clipbatch.run(spec).complete
+def test_relabel_and_search_on_s3(s3, pets_bucket, tiny_model, s3_library_run):
+    fs = pets_bucket
+    spec = s3_library_spec(s3, tiny_model)  # what s3_library_run made, in s3://pets/out
+    assert s3_library_run.complete
     option = ["--storage-option", f"endpoint_url={s3.endpoint}"]
     # In a separate process, as a user runs it: credentials come from the environment only.
-    done = subprocess.run([sys.executable, "-m", "clipbatch.cli", "relabel", "s3://reuse/out", "--class", "stripes",
-                           "--class", "dots", "--out", "s3://reuse/relabeled", *option],
+    done = subprocess.run([sys.executable, "-m", "clipbatch.cli", "relabel", "s3://pets/out", "--class", "stripes",
+                           "--class", "dots", "--out", "s3://pets/relabeled", *option],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert fs.exists("reuse/relabeled/_SUCCESS")
-    relabeled = read_sorted("reuse/relabeled", fs)
-    original = read_sorted("reuse/out", fs)
+    assert fs.exists("pets/relabeled/_SUCCESS")
+    relabeled = read_sorted("pets/relabeled", fs)
+    original = read_sorted("pets/out", fs)
     assert relabeled["id"].to_pylist() == original["id"].to_pylist()
     head, scale = reference_head(tiny_model, ["stripes", "dots"], spec["labels"]["templates"])
     np.testing.assert_allclose(matrix(relabeled["scores"]),
                                softmax(scale * matrix(relabeled["embedding"]).astype(np.float64) @ head.T),
                                atol=2e-5)
-    found = subprocess.run([sys.executable, "-m", "clipbatch.cli", "search", "s3://reuse/relabeled", "stripes",
+    found = subprocess.run([sys.executable, "-m", "clipbatch.cli", "search", "s3://pets/relabeled", "stripes",
                             "-k", "3", "--json", *option], capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr
     results = json.loads(found.stdout)
     expected = numpy_ranking(relabeled, text_embedding(tiny_model, "stripes"))[:3]
     assert [r["id"] for r in results] == [i for i, _ in expected]
-    assert all(r["source"].startswith("s3://reuse/images/") for r in results)
+    assert all(r["source"].startswith("s3://pets/images/") for r in results)

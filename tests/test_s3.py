@@ -14,22 +14,15 @@ import s3fs
 
 import clipbatch
 import s3server
-from conftest import library_spec, spec_dict
+from conftest import s3_library_spec, spec_dict
 
 
 @pytest.fixture(scope="module")
-def bucket(s3, images):
-    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True)
-    fs.mkdir("pets")
-    fs.put(str(images) + "/", "pets/images/", recursive=True)
-    return fs
+def bucket(pets_bucket):
+    return pets_bucket
 
 
-def s3_spec(s3, model, out="s3://pets/out"):
-    """The parity tests' job (library_spec) with its images and its output on S3."""
-    spec = library_spec("s3://pets/images", model, out)
-    spec["input"]["storage_options"] = spec["output"]["storage_options"] = {"endpoint_url": s3.endpoint}
-    return spec
+s3_spec = s3_library_spec
 
 
 def test_anonymous_requests_are_refused(s3, bucket):
@@ -38,8 +31,8 @@ def test_anonymous_requests_are_refused(s3, bucket):
         anon.ls("pets/images")
 
 
-def test_s3_in_s3_out_equals_local(s3, bucket, tiny_model, library_run):
-    summary = clipbatch.run(s3_spec(s3, tiny_model))
+def test_s3_in_s3_out_equals_local(bucket, tiny_model, s3_library_run, library_run):
+    summary = s3_library_run
     assert summary.complete and summary.rows == 24 and summary.output == "s3://pets/out"
     assert bucket.exists("pets/out/_SUCCESS") and bucket.exists("pets/out/_manifest.json")
     remote = pq.read_table("pets/out", filesystem=bucket).sort_by("id")

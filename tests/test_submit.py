@@ -79,7 +79,7 @@ def head():
 def _stop_group(pgid: int) -> None:
     """SIGTERM the head's process group, give it a while, then SIGKILL what is left (a head drains
     for up to 30 s on SIGTERM; nothing here needs draining)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
