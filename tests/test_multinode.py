@@ -133,8 +133,8 @@ def cluster_run(tmp_path_factory, slow_model, small_images):
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     try:
-        proc = subprocess.run([sys.executable, str(script), json.dumps(spec), json.dumps(on_cuda)], capture_output=True, text=True,
-                              timeout=480, env=env)
+        proc = subprocess.run([sys.executable, str(script), json.dumps(spec), json.dumps(on_cuda)],
+                              capture_output=True, text=True, timeout=480, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     output = proc.stdout + proc.stderr
