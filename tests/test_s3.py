@@ -17,25 +17,17 @@ import s3server
 from conftest import s3_library_spec, spec_dict
 
 
-@pytest.fixture(scope="module")
-def bucket(pets_bucket):
-    return pets_bucket
-
-
-s3_spec = s3_library_spec
-
-
-def test_anonymous_requests_are_refused(s3, bucket):
+def test_anonymous_requests_are_refused(s3, pets_bucket):
     anon = s3fs.S3FileSystem(anon=True, endpoint_url=s3.endpoint, skip_instance_cache=True)
     with pytest.raises(PermissionError):
         anon.ls("pets/images")
 
 
-def test_s3_in_s3_out_equals_local(bucket, tiny_model, s3_library_run, library_run):
+def test_s3_in_s3_out_equals_local(pets_bucket, tiny_model, s3_library_run, library_run):
     summary = s3_library_run
     assert summary.complete and summary.rows == 24 and summary.output == "s3://pets/out"
-    assert bucket.exists("pets/out/_SUCCESS") and bucket.exists("pets/out/_manifest.json")
-    remote = pq.read_table("pets/out", filesystem=bucket).sort_by("id")
+    assert pets_bucket.exists("pets/out/_SUCCESS") and pets_bucket.exists("pets/out/_manifest.json")
+    remote = pq.read_table("pets/out", filesystem=pets_bucket).sort_by("id")
 
     local, out = library_run(tiny_model)  # the same job on local disk
     assert local.complete
@@ -46,7 +38,7 @@ def test_s3_in_s3_out_equals_local(bucket, tiny_model, s3_library_run, library_r
                                np.stack(here["scores"].to_numpy(zero_copy_only=False)), atol=1e-6)
     np.testing.assert_allclose(np.stack(remote["embedding"].to_numpy(zero_copy_only=False)),
                                np.stack(here["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)
-    manifest = bucket.cat_file("pets/out/_manifest.json").decode()
+    manifest = pets_bucket.cat_file("pets/out/_manifest.json").decode()
     assert s3server.SECRET_KEY not in manifest and s3server.ACCESS_KEY not in manifest
 
 
@@ -59,10 +51,10 @@ def _cli(args, env_changes, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["input", "output"])
-def test_wrong_credentials_fail_fast_without_leaking(s3, bucket, images, tiny_model, tmp_path, where):
+def test_wrong_credentials_fail_fast_without_leaking(s3, pets_bucket, images, tiny_model, tmp_path, where):
     import yaml
 
-    spec = s3_spec(s3, tiny_model, out="s3://pets/wrong-creds")
+    spec = s3_library_spec(s3, tiny_model, out="s3://pets/wrong-creds")
     if where == "output":
         spec["input"] = {"path": str(images)}
     path = tmp_path / "job.yaml"
@@ -82,7 +74,7 @@ def test_wrong_credentials_fail_fast_without_leaking(s3, bucket, images, tiny_mo
 def test_missing_bucket_fails_fast(s3, tiny_model, tmp_path):
     import yaml
 
-    spec = s3_spec(s3, tiny_model)
+    spec = s3_library_spec(s3, tiny_model)
     spec["input"]["path"] = "s3://no-such-bucket/images"
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -90,17 +82,17 @@ def test_missing_bucket_fails_fast(s3, tiny_model, tmp_path):
     assert proc.returncode == 2 and "input.path" in proc.stderr and "no-such-bucket" in proc.stderr
 
 
-def test_broken_files_on_s3_are_error_rows(s3, bucket, images, tiny_model, ray_local):
+def test_broken_files_on_s3_are_error_rows(s3, pets_bucket, images, tiny_model, ray_local):
     from test_output import broken_files
 
     good = next(images.rglob("*.jpg")).read_bytes()
     for name, data in {**broken_files(good), "empty.png": b"", "ok.jpg": good}.items():
-        bucket.pipe_file(f"pets/broken/{name}", data)
+        pets_bucket.pipe_file(f"pets/broken/{name}", data)
     opts = {"endpoint_url": s3.endpoint}
     spec = spec_dict("s3://pets/broken", tiny_model, "s3://pets/broken-out",
                      input={"storage_options": opts, "max_pixels": 10_000_000}, output={"storage_options": opts})
     summary = clipbatch.run(spec)
     assert summary.complete and summary.rows == 7 and summary.errors == 6
-    rows = {r["id"]: r for r in pq.read_table("pets/broken-out", filesystem=bucket).to_pylist()}
+    rows = {r["id"]: r for r in pq.read_table("pets/broken-out", filesystem=pets_bucket).to_pylist()}
     assert rows["ok.jpg"]["error"] is None and "over input.max_pixels" in rows["bomb.png"]["error"]
     assert all(rows[n]["error"] for n in rows if n != "ok.jpg")
