@@ -86,6 +86,9 @@ summary = finished["summary"]
 encoders = [a.node_id for a in list_actors(filters=[("class_name", "=", ENCODER)], detail=True, limit=1000)]
 decode = [(t.node_id, t.required_resources) for t in list_tasks(
     filters=[("name", "=", "MapBatches(read_and_decode)")], detail=True, limit=10000)]
+deadline = time.time() + 60  # the GCS marks the killed node dead once its health checks fail
+while time.time() < deadline and killed.get("node") in {n["NodeID"] for n in ray.nodes() if n["Alive"]}:
+    time.sleep(0.5)
 alive_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 try:  # device auto on logical GPUs: the encoders would need CUDA, which this machine has not
     clipbatch.run(on_cuda)
