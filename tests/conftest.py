@@ -55,10 +55,13 @@ def ray_local():
     ray.shutdown()
 
 
+CLASSES = ["cat", "dog", "car", "tree", "house"]  # spec_dict's labels (library_spec's, which test_parity checks)
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+
+
 def spec_dict(images_path, model_name: str, out_path, **sections) -> dict:
     spec = {"name": "test", "input": {"path": str(images_path)}, "model": {"name": model_name},
-            "labels": {"classes": ["cat", "dog", "car", "tree", "house"], "templates": ["a photo of a {}.",
-                                                                                         "a drawing of a {}."]},
+            "labels": {"classes": list(CLASSES), "templates": list(TEMPLATES)},
             "output": {"path": str(out_path)}}
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}

@@ -14,9 +14,7 @@ import pytest
 import clipbatch
 from clipbatch.config import SpecError
 from clipbatch.schema import read_metadata
-from conftest import spec_dict
-
-CLASSES = ["cat", "dog", "car", "tree", "house"]
+from conftest import CLASSES, spec_dict
 
 
 def broken_files(good_jpeg: bytes) -> dict[str, bytes]:

@@ -10,10 +10,7 @@ import torch
 from PIL import Image
 
 import clipbatch
-from conftest import library_spec, spec_dict
-
-CLASSES = ["cat", "dog", "car", "tree", "house"]
-TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+from conftest import CLASSES, TEMPLATES, library_spec, spec_dict
 
 
 def reference(model_name: str, image_paths, root):
