@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import helpers
 from helpers import mixed_images
 
 
@@ -40,18 +41,27 @@ def storage(request, tmp_path):
 
 
 N_IMAGES = 240
-SPEC = {"model": {"name": "clipbatch-demo"},
-        "labels": {"classes": ["red circle", "blue square", "green star"], "templates": "simple"},
+SPEC = {"labels": {"classes": ["red circle", "blue square", "green star"], "templates": "simple"},
         "compute": {"batch_size": 8}}
 
 
-def job_spec(source: str, out: str, options: dict) -> dict:
-    return {**SPEC, "input": {"path": source, "storage_options": options},
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """About 50 ms per image on one core, so that the 240 images take seconds and the kill lands
+    part-way. The bundled demo model did them in about 1.3 s: on a fast machine every part was
+    written before the test's poll saw two, and the rerun had nothing left to do."""
+    vision = {"image_size": 224, "layers": 12, "width": 256, "patch_size": 16, "head_width": 64}
+    return "local-dir:" + str(helpers.make_tiny_model(tmp_path_factory.mktemp("models") / "resume", seed=3,
+                                                      vision_cfg=vision))
+
+
+def job_spec(model: str, source: str, out: str, options: dict) -> dict:
+    return {**SPEC, "model": {"name": model}, "input": {"path": source, "storage_options": options},
             "output": {"path": out, "storage_options": options, "rows_per_part": 24, "embedding_dtype": "float32"}}
 
 
-def write_job(path, source: str, out: str, options: dict):
-    path.write_text(yaml.safe_dump(job_spec(source, out, options)))
+def write_job(path, model: str, source: str, out: str, options: dict):
+    path.write_text(yaml.safe_dump(job_spec(model, source, out, options)))
     return path
 
 
@@ -60,18 +70,18 @@ def env_without_cluster() -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, ray_local):
+def uninterrupted(tmp_path_factory, ray_local, model):
     """The same images labeled by an uninterrupted run (in this process's Ray), once for both storages."""
     import clipbatch
 
     folder = tmp_path_factory.mktemp("uninterrupted")
     mixed_images(folder / "images", n=N_IMAGES)  # the same files: mixed_images is deterministic
-    assert clipbatch.run(job_spec(str(folder / "images"), str(folder / "clean"), {})).complete
+    assert clipbatch.run(job_spec(model, str(folder / "images"), str(folder / "clean"), {})).complete
     return pq.read_table(folder / "clean").sort_by("id")
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_is_exactly_once(storage, uninterrupted, tmp_path):
+def test_sigkill_then_rerun_is_exactly_once(storage, uninterrupted, model, tmp_path):
     """SIGKILL the job's whole process group once two parts are visible, rerun: every input once,
     the same values as an uninterrupted run, no half-written part ever visible. On S3 too."""
     import fsspec
@@ -81,7 +91,7 @@ def test_sigkill_then_rerun_is_exactly_once(storage, uninterrupted, tmp_path):
     input_path, killed, options = storage
     out_fs, out_root = fsspec.core.url_to_fs(killed, **options)
     env = env_without_cluster()
-    job = write_job(tmp_path / "killed.yaml", input_path, killed, options)
+    job = write_job(tmp_path / "killed.yaml", model, input_path, killed, options)
 
     def parts() -> list[str]:
         out_fs.invalidate_cache()
@@ -99,7 +109,7 @@ def test_sigkill_then_rerun_is_exactly_once(storage, uninterrupted, tmp_path):
 
     # The rerun in this process's Ray (the command line was the run that was killed): it does
     # exactly the rows the visible parts lack.
-    rerun = clipbatch.run(job_spec(input_path, killed, options))
+    rerun = clipbatch.run(job_spec(model, input_path, killed, options))
     assert rerun.complete and rerun.new_rows == N_IMAGES - kept > 0
     assert out_fs.exists(f"{out_root}/_SUCCESS")
     assert not out_fs.glob(f"{out_root}/.*.tmp")
