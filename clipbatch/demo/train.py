@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     # All training captions, tokenized once: caption_tokens[class k, wording j].
     caption_tokens = torch.stack([tok(world.captions(*world.split_class(c))) for c in world.TRAIN_CLASSES])
     n_wordings = caption_tokens.shape[1]
-    train_index = torch.tensor([world.CLASSES.index(c) for c in world.TRAIN_CLASSES])
 
     val = list(world.sample(world.VAL_SEED, VAL_PER_CLASS))
     check_preprocess([im for im, _ in val[:8]])
