@@ -10,7 +10,7 @@
     Parquet out; timed like (d), as a fresh process from launch to exit (Python, torch and
     open_clip imports and model load included), and also inside this process (imports excluded)
 (c) the model's pure batched forward rate on random tensors (the ceiling), one process with all threads
-(c1) on CPU: one single-threaded forward process per core at once, summed (the layout clipbatch uses there)
+(c1) on CPU: one single-threaded forward process per core at once, summed (the capacity clipbatch's CPU lanes use)
 (d) `clipbatch run` in a fresh process with default compute settings (Ray start-up and model load
     included)
 
@@ -176,8 +176,8 @@ def forward_worker(model, pretrained, batch_size: int, seconds: float) -> float:
 
 
 def forward_per_core(args, batch_size: int) -> float:
-    """(c1) The machine's forward capacity as clipbatch's CPU plan uses it: one single-threaded
-    forward process per core, all timed over the same window; their rates summed."""
+    """(c1) The machine's forward capacity as clipbatch's CPU plan uses it (one single-threaded
+    forward per core): one such process per core, all timed over the same window; their rates summed."""
     cores = os.cpu_count() or 1
     seconds = 3.0 if args.smoke else 30.0
     procs = [subprocess.Popen([sys.executable, __file__, "--forward-worker", str(seconds),
@@ -357,7 +357,7 @@ def one_round(args, paths: list[Path], work: Path) -> dict:
         if DEVICE == "cpu" and (os.cpu_count() or 1) > 1:
             record["c1_forward_per_core"] = forward_per_core(args, batch)
             print(f"(c1) forward, 1 thread per core {record['c1_forward_per_core']:6.2f} img/s ({os.cpu_count()} "
-                  "single-threaded processes at once, as clipbatch's CPU actors run)", flush=True)
+                  "single-threaded processes at once: the cores clipbatch's CPU lanes use)", flush=True)
     if "b" in args.modes:
         loop = dict(batch_size=batch, workers=min(16, os.cpu_count() or 2))
         record["b_dataloader"] = dataloader_loop_process(paths, args, work / "loop.parquet", **loop)

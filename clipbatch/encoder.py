@@ -60,12 +60,14 @@ class ClipEncoder:
 
     heads: per member {text_head [C, D], logit_scale, logit_bias}, in member order.
     node: where this actor runs, for its start-up line (default: the host name).
+    lanes: how many batches Ray Data calls it with at once, from as many threads (nothing in a
+    call writes to the encoder, so the calls share its models).
     """
 
     def __init__(self, members: list[Member], device: str, heads, classes: list[str], top_k: int,
                  embedding_dtype: str | None, batch_size: int, torch_threads: int | None = None,
                  carried: list[str] = (), temperature: float = 1.0, min_score: float | None = None,
-                 unknown: str | None = None, node: str | None = None):
+                 unknown: str | None = None, node: str | None = None, lanes: int = 1):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.models = [_Loaded(m, device) for m in members]
@@ -81,7 +83,9 @@ class ClipEncoder:
         name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
         models = ", ".join(f"{m.member.model_name} ({m.loaded.precision})" for m in self.models)
         print(f"clipbatch encoder on {node or platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
-              f"{models}, batch size {batch_size}, torch threads {torch.get_num_threads()}", flush=True)
+              f"{models}, batch size {batch_size}, "
+              + (f"{lanes} lanes of {torch.get_num_threads()} torch thread(s)" if lanes > 1 else
+                 f"torch threads {torch.get_num_threads()}"), flush=True)
 
     def use_text_heads(self, heads) -> None:
         """Called once the models are loaded (a subclass may wait here for heads computed elsewhere)."""

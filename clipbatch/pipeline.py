@@ -36,9 +36,12 @@ from clipbatch.templates import ClassPrompts, resolve_prompts
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5  # decode tasks beside GPU actors
-# CPU actors: one per core (single-threaded actors beat one actor with all the cores' threads: 10.6-11.0
-# against 8.5-9.0 img/s for ViT-B-32 on 2 cores, see README), but each holds its own model copy.
-MAX_CPU_ACTORS_PER_NODE = 8
+# A CPU actor runs one lane per core it uses: a thread that decodes and encodes a batch of its own
+# at one torch thread. Lanes do not wait for each other as the threads of one forward pass do (10.6-11.0
+# against 8.5-9.0 img/s for ViT-B-32 on 2 cores, see README), and unlike one actor per core they share
+# one process and one copy of the model: one start-up (imports, model load) instead of one per core.
+MAX_LANES = 8
+MAX_CPU_ACTORS_PER_NODE = 8  # with an explicit compute.cpus_per_actor
 # Besides its weights a CPU actor holds torch, a batch's activations and Arrow buffers: 0.7 GiB was
 # measured beside ViT-B-32's 0.6 GB of fp32 weights. The auto plan fits the actors in a node's memory.
 ACTOR_OVERHEAD_BYTES = 2**30
@@ -59,8 +62,9 @@ class ComputePlan:
     min_actors: int
     max_actors: int
     batch_size: int
-    torch_threads: int  # intra-op threads of a CPU actor: the node's cores shared by its actors
+    torch_threads: int  # intra-op threads of each lane
     decode_in_actors: bool  # CPU actors decode their own batches (Ray Data fuses the stages)
+    lanes: int = 1  # batches an actor works on at once, one thread each (CPU actors: one per core)
 
     @classmethod
     def from_spec(cls, spec: JobSpec, cluster_gpus: float, cpus_per_node: float = 1,
@@ -92,10 +96,10 @@ class ComputePlan:
         if c.actors == "auto":
             if gpus > 0:
                 low = high = max(1, math.floor(cluster_gpus / gpus))
-            else:
-                fit = math.floor(cpus_per_node) if c.cpus_per_actor == "auto" else \
-                    math.floor(spare / c.cpus_per_actor + 1e-9)
-                fit = int(min(fit, memory_per_node // actor_bytes, MAX_CPU_ACTORS_PER_NODE))
+            else:  # one actor a node, or as many as an explicit reservation leaves room (and memory) for
+                fit = 1 if c.cpus_per_actor == "auto" else \
+                    int(min(math.floor(spare / c.cpus_per_actor + 1e-9), memory_per_node // actor_bytes,
+                            MAX_CPU_ACTORS_PER_NODE))
                 low = high = max(1, min(nodes * fit, blocks or math.inf))
         elif isinstance(c.actors, int):
             low = high = c.actors
@@ -107,10 +111,15 @@ class ComputePlan:
         else:
             cpus = spare / per_node if gpus == 0 and spare > 0 else 1.0
         # Ray pins an actor to as many threads as CPUs it reserved, which would halve a CPU encoder
-        # that reserved a fraction; its threads are the node's cores shared by its actors.
-        threads = max(math.ceil(cpus), math.floor(cpus_per_node / per_node)) if device == "cpu" \
-            else math.ceil(cpus)
-        return cls(device, gpus, cpus, low, high, batch, threads, decode_in_actors)
+        # that reserved a fraction; its threads are the node's cores shared by its actors, run as
+        # lanes of one torch thread (no more lanes than batches to do: a one-batch job gets the threads).
+        if device == "cpu":
+            threads = max(math.ceil(cpus), math.floor(cpus_per_node / per_node))
+            lanes = max(1, min(threads, MAX_LANES, blocks or math.inf)) if decode_in_actors else 1
+            threads = max(1, threads // lanes)
+        else:
+            threads, lanes = math.ceil(cpus), 1
+        return cls(device, gpus, cpus, low, high, batch, threads, decode_in_actors, lanes)
 
 
 def listing_rows_per_block(decode_in_actors: bool, batch_size: int) -> int:
@@ -346,7 +355,7 @@ class Job:
             print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} images to do; device {plan.device}, "
                   f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
                   f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
-                  f"batch {plan.batch_size}", flush=True)
+                  f"batch {plan.batch_size}{f', {plan.lanes} lanes' if plan.lanes > 1 else ''}", flush=True)
             ready = stored or (head_here.result() if head_here else None)
             if ready is None and plan.device == "cpu" and _ray_is_this_machine():
                 # A Ray the caller started on this machine (a notebook, a script): the driver has the
@@ -453,14 +462,19 @@ class Job:
                                         "jpeg_draft": self.spec.input.jpeg_draft,
                                         "max_pixels": self.spec.input.max_pixels})
                 .map_batches(_CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
-                             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors,
-                                                                max_size=plan.max_actors),
+                             compute=ray.data.ActorPoolStrategy(
+                                 min_size=plan.min_actors, max_size=plan.max_actors,
+                                 # lanes: Ray Data runs that many of the actor's batches at once, each in
+                                 # a thread of its own (decode and encode release the GIL)
+                                 **({"max_concurrent_calls_per_actor": plan.lanes,
+                                     "enable_true_multi_threading": True} if plan.lanes > 1 else {})),
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
                              fn_constructor_kwargs={
                                  "counter": counter, "prepared": prepared, "members": self.members,
                                  "device": plan.device, "classes": self.classes,
                                  "top_k": self.spec.labels.top_k, "embedding_dtype": embedding_dtype,
                                  "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
+                                 "lanes": plan.lanes,
                                  "carried": self.carried,
                                  "temperature": self.spec.labels.temperature,
                                  "min_score": self.spec.labels.min_score, "unknown": self.spec.labels.unknown}))

@@ -23,33 +23,80 @@ def plan(tmp_path, cluster_gpus, cpus_per_node=2, can_grow=False, **compute):
 
 def test_defaults_adapt_to_cluster(tmp_path):
     cpu = plan(tmp_path, 0)
-    assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 2, 2, 32)
+    assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 1, 1, 32)
     gpu = plan(tmp_path, 4)
     assert (gpu.device, gpu.gpus_per_actor, gpu.min_actors, gpu.max_actors, gpu.batch_size) == ("cuda", 1, 4, 4, 256)
-    # On CPU: one single-threaded actor per core, decoding its own batches, one CPU left for writes.
-    assert (cpu.torch_threads, cpu.cpus_per_actor, cpu.decode_in_actors) == (1, 0.5, True)
-    assert (gpu.torch_threads, gpu.cpus_per_actor, gpu.decode_in_actors) == (1, 1.0, False)
-    one = plan(tmp_path, 0, actors=1)  # one actor takes the node's cores as threads
-    assert (one.torch_threads, one.cpus_per_actor) == (2, 1.0)
-    big = plan(tmp_path, 0, cpus_per_node=16)
-    assert (big.max_actors, big.torch_threads, big.cpus_per_actor) == (8, 2, 15 / 8)
-    assert plan(tmp_path, 0, cpus_per_node=16, actors=4).torch_threads == 4
+    # On CPU: one actor a node, one single-threaded lane per core, decoding its own batches, one CPU
+    # left for writes.
+    assert (cpu.lanes, cpu.torch_threads, cpu.cpus_per_actor, cpu.decode_in_actors) == (2, 1, 1.0, True)
+    assert (gpu.lanes, gpu.torch_threads, gpu.cpus_per_actor, gpu.decode_in_actors) == (1, 1, 1.0, False)
+    two = plan(tmp_path, 0, actors=2)  # actors asked for: the node's cores shared between them
+    assert (two.max_actors, two.lanes, two.torch_threads, two.cpus_per_actor) == (2, 1, 1, 0.5)
+    big = plan(tmp_path, 0, cpus_per_node=16)  # at most 8 lanes, each with the cores' share of threads
+    assert (big.max_actors, big.lanes, big.torch_threads, big.cpus_per_actor) == (1, 8, 2, 15)
+    assert (lambda p: (p.lanes, p.torch_threads))(plan(tmp_path, 0, cpus_per_node=16, actors=4)) == (4, 1)
     three_nodes = ComputePlan.from_spec(load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out")), 0, 4,
                                         nodes=3)
-    assert (three_nodes.max_actors, three_nodes.torch_threads, three_nodes.cpus_per_actor) == (12, 1, 0.75)
+    assert (three_nodes.max_actors, three_nodes.lanes, three_nodes.cpus_per_actor) == (3, 4, 3)
     # An explicit reservation: as many actors as leave a CPU of the node free.
     assert plan(tmp_path, 0, cpus_per_actor=1).max_actors == 1
     assert plan(tmp_path, 0, cpus_per_node=8, cpus_per_actor=2).max_actors == 3
-    spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out"))
-    # As many CPU actors as the node's memory holds (each: its model's weights and the runtime).
+    spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out", compute={"cpus_per_actor": 1}))
+    # ... and as many as the node's memory holds (each: its model's weights and the runtime).
     assert ComputePlan.from_spec(spec, 0, 16, memory_per_node=10 * 2**30, actor_bytes=3 * 2**30).max_actors == 3
     assert ComputePlan.from_spec(spec, 0, 16, memory_per_node=2**30, actor_bytes=3 * 2**30).max_actors == 1
-    # No more actors than there are batches to do: a 20-image job gets one, with the node's cores.
+    # No more actors, nor lanes, than there are batches to do: a 20-image job gets one actor with the
+    # node's cores as the threads of one lane.
+    spec = load_spec(spec_dict(tmp_path, "ViT-B-32", tmp_path / "out"))
     small = ComputePlan.from_spec(spec, 0, 2, rows_to_do=20)
-    assert (small.max_actors, small.torch_threads, small.cpus_per_actor) == (1, 2, 1.0)
+    assert (small.max_actors, small.lanes, small.torch_threads, small.cpus_per_actor) == (1, 1, 2, 1.0)
     assert ComputePlan.from_spec(spec, 0, 2, rows_to_do=1, shards=True).max_actors == 1  # one shard, one actor
+    four_nodes = ComputePlan.from_spec(spec, 0, 2, nodes=4, rows_to_do=64)  # two batches: two actors
+    assert (four_nodes.max_actors, four_nodes.lanes) == (2, 2)
     logical = plan(tmp_path, 1, device="cpu", gpus_per_actor=1)  # a logical GPU: a GPU-style actor, on CPU
-    assert (logical.cpus_per_actor, logical.decode_in_actors, logical.torch_threads) == (1.0, False, 2)
+    assert (logical.cpus_per_actor, logical.decode_in_actors, logical.lanes, logical.torch_threads) == \
+        (1.0, False, 1, 2)
+
+
+def test_lanes_share_one_encoder(tiny_model, images):
+    """A CPU actor's lanes call one encoder from several threads at once: each batch comes out as it
+    does alone (the test checks that its calls did overlap, so that this compares concurrent calls)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
+    classes = ["cat", "dog", "car"]
+    head = build_text_head(loaded, [[f"a photo of a {c}."] for c in classes])
+    sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
+    batches = [read_and_decode({"id": s, "source": s}, json.dumps(loaded.preprocess_cfg), {})
+               for s in np.array_split(sources, 4)]
+    inside, overlapped = [0], [False]
+    lock = threading.Lock()
+
+    class Recording(ClipEncoder):
+        def __call__(self, batch):
+            with lock:
+                inside[0] += 1
+                overlapped[0] |= inside[0] > 1
+            time.sleep(0.05)  # long enough for the other lane to come in
+            try:
+                return super().__call__(batch)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+    encoder = Recording([Member(tiny_model, None, "fp32")], "cpu", [{"text_head": head, "logit_scale":
+                        loaded.logit_scale, "logit_bias": None}], classes, 2, "float32", 8, torch_threads=1,
+                        lanes=2)
+    alone = [encoder(b) for b in batches]
+    with ThreadPoolExecutor(2) as lanes:
+        together = list(lanes.map(encoder, batches * 3))
+    assert overlapped[0]
+    for a, b in zip(alone * 3, together):
+        assert a["id"].to_pylist() == b["id"].to_pylist() and a["label"].to_pylist() == b["label"].to_pylist()
+        assert np.allclose(np.stack(a["embedding"].to_numpy(zero_copy_only=False)),
+                           np.stack(b["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)
 
 
 def test_fractional_gpus_and_autoscaling_pool(tmp_path):

@@ -75,6 +75,8 @@ def test_summary_and_files(finished):
     assert manifest["counts"] == {"inputs": 34, "rows": 34, "errors": 9, "new_rows": 34}
     assert manifest["classes"] == CLASSES and manifest["model"].startswith("local-dir:")
     assert manifest["logit_scale"] == pytest.approx(30.0, rel=1e-4) and manifest["clipbatch_version"]
+    # 2 CPUs, 2 batches: one actor running both at once, one lane (thread) each
+    assert (manifest["compute"]["max_actors"], manifest["compute"]["lanes"]) == (1, 2)
     timings = manifest["timings"]
     assert {"listing_s", "ray_start_s", "text_head_s", "inference_s", "first_batch_s", "total_s"} <= set(timings)
     assert 0 < timings["first_batch_s"] <= timings["total_s"]
