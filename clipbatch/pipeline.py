@@ -43,7 +43,8 @@ DECODE_CPUS = 0.5  # decode tasks beside GPU actors
 MAX_LANES = 8
 MAX_CPU_ACTORS_PER_NODE = 8  # with an explicit compute.cpus_per_actor
 # Besides its weights a CPU actor holds torch, a batch's activations and Arrow buffers: 0.7 GiB was
-# measured beside ViT-B-32's 0.6 GB of fp32 weights. The auto plan fits the actors in a node's memory.
+# measured beside ViT-B-32's 0.6 GB of fp32 weights. An explicit cpus_per_actor gets no more actors a node
+# than its memory holds.
 ACTOR_OVERHEAD_BYTES = 2**30
 # Fault tolerance is Ray Data's own: its map tasks retry without limit (max_retries=-1) and its
 # pool actors restart and retry their batches without limit (max_restarts=-1,
@@ -465,7 +466,7 @@ class Job:
                              compute=ray.data.ActorPoolStrategy(
                                  min_size=plan.min_actors, max_size=plan.max_actors,
                                  # lanes: Ray Data runs that many of the actor's batches at once, each in
-                                 # a thread of its own (decode and encode release the GIL)
+                                 # a thread of its own (torch releases the GIL while it computes)
                                  **({"max_concurrent_calls_per_actor": plan.lanes,
                                      "enable_true_multi_threading": True} if plan.lanes > 1 else {})),
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
