@@ -21,6 +21,15 @@ def plan(tmp_path, cluster_gpus, cpus_per_node=2, can_grow=False, **compute):
     return ComputePlan.from_spec(spec, cluster_gpus, cpus_per_node, can_grow)
 
 
+def encoder_inputs(model_name, images):
+    """The model loaded on CPU, three classes, their text head as ClipEncoder takes it, and the PNGs."""
+    loaded = load_model(model_name, None, device="cpu", precision="fp32")
+    classes = ["cat", "dog", "car"]
+    head = build_text_head(loaded, [[f"a photo of a {c}."] for c in classes])
+    sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
+    return loaded, classes, [{"text_head": head, "logit_scale": loaded.logit_scale, "logit_bias": None}], sources
+
+
 def test_defaults_adapt_to_cluster(tmp_path):
     cpu = plan(tmp_path, 0)
     assert (cpu.device, cpu.gpus_per_actor, cpu.min_actors, cpu.max_actors, cpu.batch_size) == ("cpu", 0, 1, 1, 32)
@@ -65,10 +74,7 @@ def test_lanes_share_one_encoder(tiny_model, images):
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
-    classes = ["cat", "dog", "car"]
-    head = build_text_head(loaded, [[f"a photo of a {c}."] for c in classes])
-    sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
+    loaded, classes, heads, sources = encoder_inputs(tiny_model, images)
     batches = [read_and_decode({"id": s, "source": s}, json.dumps(loaded.preprocess_cfg), {})
                for s in np.array_split(sources, 4)]
     inside, overlapped = [0], [False]
@@ -86,8 +92,7 @@ def test_lanes_share_one_encoder(tiny_model, images):
                 with lock:
                     inside[0] -= 1
 
-    encoder = Recording([Member(tiny_model, None, "fp32")], "cpu", [{"text_head": head, "logit_scale":
-                        loaded.logit_scale, "logit_bias": None}], classes, 2, "float32", 8, torch_threads=1,
+    encoder = Recording([Member(tiny_model, None, "fp32")], "cpu", heads, classes, 2, "float32", 8, torch_threads=1,
                         lanes=2)
     alone = [encoder(b) for b in batches]
     with ThreadPoolExecutor(2) as lanes:
@@ -133,16 +138,11 @@ def test_gpu_actor_without_cuda_fails_loudly():
 
 @pytest.mark.parametrize("precision, min_cosine", [("fp32", 0.99999), ("bf16", 0.99), ("fp16", 0.995)])
 def test_encoder_precisions_on_cpu(tiny_model, images, precision, min_cosine):
-    loaded = load_model(tiny_model, None, device="cpu", precision="fp32")
-    classes = ["cat", "dog", "car"]
-    head = build_text_head(loaded, [[f"a photo of a {c}."] for c in classes])
-    sources = np.array([str(p) for p in sorted(images.rglob("*.png"))], dtype=object)
+    loaded, classes, heads, sources = encoder_inputs(tiny_model, images)
     batch = read_and_decode({"id": sources, "source": sources}, json.dumps(loaded.preprocess_cfg), {})
 
     def run(p):
-        enc = ClipEncoder([Member(tiny_model, None, p)], "cpu", [{"text_head": head, "logit_scale": loaded.logit_scale,
-                                                                   "logit_bias": None}], classes, 2, "float32", 8)
-        return enc(batch)
+        return ClipEncoder([Member(tiny_model, None, p)], "cpu", heads, classes, 2, "float32", 8)(batch)
 
     reference, table = run("fp32"), run(precision)
     a = np.stack(reference["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
