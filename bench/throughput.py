@@ -13,6 +13,10 @@
 (c1) on CPU: one single-threaded forward process per core at once, summed (the capacity clipbatch's CPU lanes use)
 (d) `clipbatch run` in a fresh process with default compute settings (Ray start-up and model load
     included)
+(f) the floor under (d): a fresh process that runs the same rows through a Ray Data job of (d)'s shape
+    that does nothing (Ray start, one actor passing batches through, Parquet, exit), and a fresh
+    process that only loads the model. With them it prints the rate a job of this design can be
+    expected to reach here (that floor, plus the images at (c1)'s rate) and how far (d) was from it
 
 Prints img/s for each, the ratios d/a, d/b and d/c, peak RSS of the clipbatch driver and of its
 Ray workers, and one JSON record at the end. Machines here are noisy: compare within one run.
@@ -192,6 +196,50 @@ def forward_per_core(args, batch_size: int) -> float:
     return sum(float(p.communicate(f"{start_at}\n")[0].split()[-1]) for p in procs)
 
 
+class _PassThrough:
+    """(f)'s encoder: no model, no torch; what is left is Ray's own cost of running the job."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def floor_worker(n: int, out: Path) -> None:
+    """(f) The job (d) runs, less everything clipbatch and the model do: n listing rows in blocks of 32
+    through one pass-through actor into Parquet."""
+    import pyarrow as pa
+    import ray
+
+    ray.init(include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    blocks = [pa.table({"id": [f"img{i:08d}" for i in range(start, min(n, start + 32))]})
+              for start in range(0, n, 32)]
+    (ray.data.from_blocks(blocks)
+     .map_batches(_PassThrough, batch_size=32, compute=ray.data.ActorPoolStrategy(size=1))
+     .write_parquet(str(out)))
+
+
+def model_start_worker(model: str, pretrained: str | None) -> None:
+    """(f) What an encoder process does before its first batch besides Ray: torch, open_clip, the model."""
+    from clipbatch.models import load_model
+
+    load_model(model, pretrained, device=DEVICE)
+
+
+def _timed_process(*args: str) -> float:
+    """Launch to exit of `python throughput.py ARGS` (a fresh process, as (d) is timed)."""
+    started = time.time()
+    subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+    return time.time() - started
+
+
+def floor(args, n: int, work: Path) -> dict:
+    """(f) Ray's floor for n rows and the model's start, each in a fresh process."""
+    ray_s = _timed_process("--floor-worker", str(n), "--workdir", str(work / "floor-out"))
+    model_s = _timed_process("--model-start-worker", "--model", args.model, "--device", DEVICE,
+                             *(["--pretrained", args.pretrained] if args.pretrained else []))
+    return {"ray_job_s": round(ray_s, 2), "model_start_s": round(model_s, 2), "floor_s": round(ray_s + model_s, 2)}
+
+
 class RssSampler:
     """Peak RSS of a process and, separately, of the largest Ray worker, sampled every 0.2 s."""
 
@@ -331,6 +379,20 @@ def compare(args, work: Path) -> dict:
                 shares.append(f"{record['steady_d/c1']:.2f} of (c1)")
             print(f"(d) once running: {statistics.median(steady):.2f} img/s from its first batch to its last = "
                   f"{', '.join(shares)} (what a long job runs at)", flush=True)
+        floors = [r["f_floor"] for r in rounds if "f_floor" in r]
+        ceiling = record.get("c1_forward_per_core") or record.get("c_forward")
+        if floors and ceiling:
+            record["f_floor"] = floors
+            record["floor_s"] = statistics.median(f["floor_s"] for f in floors)
+            best = len(paths) / (record["floor_s"] + len(paths) / ceiling)
+            record["best_d_img_per_s"] = best
+            print(f"(f) floor {record['floor_s']:.1f} s plus {len(paths)} images at {ceiling:.2f} img/s "
+                  f"(the forward alone, no decoding): {best:.2f} img/s"
+                  + (f" = {best / record['c_forward']:.2f} of (c)" if "c_forward" in record else "")
+                  + f", what a job of this design can be expected to reach here; (d) took "
+                  f"{nearest['seconds'] - len(paths) / ceiling - record['floor_s']:+.1f} s against it (an estimate: "
+                  "the floor's two processes are as noisy as the rest)",
+                  flush=True)
         for key, name in RATES.items():
             if key in record:
                 record["ratios"][name] = rate / record[key]
@@ -366,6 +428,10 @@ def one_round(args, paths: list[Path], work: Path) -> dict:
                                                             work / "loop.parquet", **loop)
         print(f"    the same loop in-process {record['b_dataloader_in_process']:5.2f} img/s (imports excluded)",
               flush=True)
+    if "f" in args.modes:
+        record["f_floor"] = f = floor(args, len(paths), work)
+        print(f"(f) floor: a do-nothing Ray Data job of {len(paths)} rows {f['ray_job_s']} s, the model's start "
+              f"{f['model_start_s']} s (fresh processes, launch to exit)", flush=True)
     if "a" in args.modes:
         a_paths = paths[: max(32, len(paths) // 4)]
         record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
@@ -423,7 +489,7 @@ def main() -> None:
     p.add_argument("--listing", type=int, default=0, metavar="N")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where loops (a)-(c) run their model; clipbatch (d) picks its device itself")
-    p.add_argument("--modes", default="abcd", help="which of a b c d to run (default all)")
+    p.add_argument("--modes", default="abcdf", help="which of a b c d f to run (default all)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the modes N times in turn and report medians (this machine is noisy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -431,6 +497,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path)
     p.add_argument("--forward-worker", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--floor-worker", type=int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--model-start-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
     if args.forward_worker:
@@ -438,6 +506,12 @@ def main() -> None:
         return
     global DEVICE
     DEVICE = args.device
+    if args.floor_worker:
+        floor_worker(args.floor_worker, args.workdir)
+        return
+    if args.model_start_worker:
+        model_start_worker(args.model, args.pretrained)
+        return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:

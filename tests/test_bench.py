@@ -30,6 +30,8 @@ def test_smoke_compare(tmp_path):
     assert record.get("c1_forward_per_core", 1) > 0
     assert all(v > 0 for v in record["ratios"].values())
     assert record["d_clipbatch"]["driver_peak_rss_mb"] > 0 and record["d_clipbatch"]["worker_peak_rss_mb"] > 0
+    assert all(f["ray_job_s"] > 0 and f["model_start_s"] > 0 for f in record["f_floor"])
+    assert record["floor_s"] > 0 and 0 < record["best_d_img_per_s"] < record.get("c1_forward_per_core", record["c_forward"])
 
 
 def test_listing_plans_without_reading(tmp_path):
