@@ -228,7 +228,10 @@ def model_start_worker(model: str, pretrained: str | None) -> None:
 def _timed_process(*args: str) -> float:
     """Launch to exit of `python throughput.py ARGS` (a fresh process, as (d) is timed)."""
     started = time.time()
-    subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return time.time() - started
 
 
