@@ -179,13 +179,17 @@ def forward_worker(model, pretrained, batch_size: int, seconds: float) -> float:
     return done / (time.time() - started)
 
 
+def _model_argv(args) -> list[str]:
+    """The model options for a worker process of this script."""
+    return ["--model", args.model, *(["--pretrained", args.pretrained] if args.pretrained else [])]
+
+
 def forward_per_core(args, batch_size: int) -> float:
     """(c1) The machine's forward capacity as clipbatch's CPU plan uses it (one single-threaded
     forward per core): one such process per core, all timed over the same window; their rates summed."""
     cores = os.cpu_count() or 1
     seconds = 3.0 if args.smoke else 30.0
-    procs = [subprocess.Popen([sys.executable, __file__, "--forward-worker", str(seconds),
-                               "--model", args.model, *(["--pretrained", args.pretrained] if args.pretrained else []),
+    procs = [subprocess.Popen([sys.executable, __file__, "--forward-worker", str(seconds), *_model_argv(args),
                                "--batch", str(batch_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(cores)]
     for p in procs:  # the window opens once every process has imported torch and warmed its model up
@@ -203,18 +207,18 @@ class _PassThrough:
         return batch
 
 
-def floor_worker(n: int, out: Path) -> None:
-    """(f) The job (d) runs, less everything clipbatch and the model do: n listing rows in blocks of 32
-    through one pass-through actor into Parquet."""
+def floor_worker(n: int, block_rows: int, batch_size: int, out: Path) -> None:
+    """(f) The job (d) runs, less everything clipbatch and the model do: n listing rows in (d)'s blocks
+    and batches through one pass-through actor into Parquet."""
     import pyarrow as pa
     import ray
 
     ray.init(include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    blocks = [pa.table({"id": [f"img{i:08d}" for i in range(start, min(n, start + 32))]})
-              for start in range(0, n, 32)]
+    blocks = [pa.table({"id": [f"img{i:08d}" for i in range(start, min(n, start + block_rows))]})
+              for start in range(0, n, block_rows)]
     (ray.data.from_blocks(blocks)
-     .map_batches(_PassThrough, batch_size=32, compute=ray.data.ActorPoolStrategy(size=1))
+     .map_batches(_PassThrough, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1))
      .write_parquet(str(out)))
 
 
@@ -235,11 +239,14 @@ def _timed_process(*args: str) -> float:
     return time.time() - started
 
 
-def floor(args, n: int, work: Path) -> dict:
-    """(f) Ray's floor for n rows and the model's start, each in a fresh process."""
-    ray_s = _timed_process("--floor-worker", str(n), "--workdir", str(work / "floor-out"))
-    model_s = _timed_process("--model-start-worker", "--model", args.model, "--device", DEVICE,
-                             *(["--pretrained", args.pretrained] if args.pretrained else []))
+def floor(args, n: int, batch_size: int, work: Path) -> dict:
+    """(f) Ray's floor for n rows in (d)'s blocks and batches, and the model's start, each in a fresh process."""
+    from clipbatch.pipeline import listing_rows_per_block
+
+    block_rows = listing_rows_per_block(DEVICE == "cpu", batch_size)  # CPU: decode in the actors
+    ray_s = _timed_process("--floor-worker", str(n), "--block-rows", str(block_rows), "--batch", str(batch_size),
+                           "--workdir", str(work / "floor-out"))
+    model_s = _timed_process("--model-start-worker", *_model_argv(args), "--device", DEVICE)
     return {"ray_job_s": round(ray_s, 2), "model_start_s": round(model_s, 2), "floor_s": round(ray_s + model_s, 2)}
 
 
@@ -432,7 +439,7 @@ def one_round(args, paths: list[Path], work: Path) -> dict:
         print(f"    the same loop in-process {record['b_dataloader_in_process']:5.2f} img/s (imports excluded)",
               flush=True)
     if "f" in args.modes:
-        record["f_floor"] = f = floor(args, len(paths), work)
+        record["f_floor"] = f = floor(args, len(paths), batch, work)
         print(f"(f) floor: a do-nothing Ray Data job of {len(paths)} rows {f['ray_job_s']} s, the model's start "
               f"{f['model_start_s']} s (fresh processes, launch to exit)", flush=True)
     if "a" in args.modes:
@@ -501,6 +508,7 @@ def main() -> None:
     p.add_argument("--forward-worker", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--floor-worker", type=int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--block-rows", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--model-start-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
@@ -510,7 +518,7 @@ def main() -> None:
     global DEVICE
     DEVICE = args.device
     if args.floor_worker:
-        floor_worker(args.floor_worker, args.workdir)
+        floor_worker(args.floor_worker, args.block_rows, args.batch, args.workdir)
         return
     if args.model_start_worker:
         model_start_worker(args.model, args.pretrained)
