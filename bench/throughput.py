@@ -207,9 +207,10 @@ class _PassThrough:
         return batch
 
 
-def floor_worker(n: int, block_rows: int, batch_size: int, out: Path) -> None:
+def floor_worker(n: int, block_rows: int, batch_size: int, rows_per_part: int, out: Path) -> None:
     """(f) The job (d) runs, less everything clipbatch and the model do: n listing rows in (d)'s blocks
-    and batches through one pass-through actor into Parquet."""
+    and batches through one pass-through actor into Parquet parts of (d)'s default size (one write
+    task per part, as (d)'s sink has; a file per block would add a write task per block)."""
     import pyarrow as pa
     import ray
 
@@ -219,7 +220,7 @@ def floor_worker(n: int, block_rows: int, batch_size: int, out: Path) -> None:
               for start in range(0, n, block_rows)]
     (ray.data.from_blocks(blocks)
      .map_batches(_PassThrough, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1))
-     .write_parquet(str(out)))
+     .write_parquet(str(out), min_rows_per_file=rows_per_part))
 
 
 def model_start_worker(model: str, pretrained: str | None) -> None:
@@ -241,10 +242,13 @@ def _timed_process(*args: str) -> float:
 
 def floor(args, n: int, batch_size: int, work: Path) -> dict:
     """(f) Ray's floor for n rows in (d)'s blocks and batches, and the model's start, each in a fresh process."""
+    from clipbatch.config import OutputSpec
     from clipbatch.pipeline import listing_rows_per_block
 
     block_rows = listing_rows_per_block(DEVICE == "cpu", batch_size)  # CPU: decode in the actors
+    rows_per_part = OutputSpec.model_fields["rows_per_part"].default  # (d) runs with the default
     ray_s = _timed_process("--floor-worker", str(n), "--block-rows", str(block_rows), "--batch", str(batch_size),
+                           "--rows-per-part", str(rows_per_part),
                            "--workdir", str(work / "floor-out"))
     model_s = _timed_process("--model-start-worker", *_model_argv(args), "--device", DEVICE)
     return {"ray_job_s": round(ray_s, 2), "model_start_s": round(model_s, 2), "floor_s": round(ray_s + model_s, 2)}
@@ -509,6 +513,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--floor-worker", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--block-rows", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--rows-per-part", type=int, default=4096, help=argparse.SUPPRESS)
     p.add_argument("--model-start-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args()
@@ -518,7 +523,7 @@ def main() -> None:
     global DEVICE
     DEVICE = args.device
     if args.floor_worker:
-        floor_worker(args.floor_worker, args.block_rows, args.batch, args.workdir)
+        floor_worker(args.floor_worker, args.block_rows, args.batch, args.rows_per_part, args.workdir)
         return
     if args.model_start_worker:
         model_start_worker(args.model, args.pretrained)
