@@ -30,9 +30,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from clipbatch.pipeline import build
+    from clipbatch.ray_session import build_while_ray_starts
 
-    job = build(args.spec, _overrides(args.set))
+    job = build_while_ray_starts(args.spec, _overrides(args.set))
     print(job.describe(), flush=True)
     summary = job.run()
     print_summary(summary)

@@ -7,12 +7,15 @@ tasks -> encoder actor pool -> Parquet sink, then writes the manifest and _SUCCE
 
 from __future__ import annotations
 
+import _thread
 import json
-import logging
 import math
 import os
+import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -25,7 +28,8 @@ from clipbatch.decode import pixels_column
 from clipbatch.encoder import ClipEncoder, Member
 from clipbatch.labels import build_text_head
 from clipbatch.models import check_hub_model, load_model, parameter_count, preprocess_config, resolve_model_name
-from clipbatch.progress import ProgressCounter, ProgressReporter
+from clipbatch.progress import JobCounter, ProgressReporter
+from clipbatch.ray_session import init_ray, ray_cluster_info, ray_is_this_machine, started_here
 from clipbatch.schema import output_schema, read_metadata
 from clipbatch.outputs import MANIFEST, SUCCESS, OutputDir, head_file
 from clipbatch.sinks import ParquetPartsDatasink
@@ -180,11 +184,61 @@ def _prepare_text_heads(models: list[tuple], device, prompts, metadata, columns,
     models: (resolved name, pretrained, precision) per member, loaded one after the other."""
     heads = []
     for name, pretrained, precision in models:
-        loaded = load_model(name, pretrained, device=device, precision=precision)
+        try:
+            loaded = load_model(name, pretrained, device=device, precision=precision)
+        except Exception as exc:  # files the checks found but cannot read (corrupt, truncated, another model's)
+            raise SpecError(f"model {name}{f' ({pretrained})' if pretrained else ''} cannot be loaded: "
+                            f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
         heads.append({"text_head": build_text_head(loaded, prompts), "logit_scale": loaded.logit_scale,
                       "logit_bias": loaded.logit_bias, "precision": loaded.precision})
         del loaded
     return _prepared(heads, metadata, columns, embedding_dtype, carried)
+
+
+def _lower_priority() -> None:
+    """The driver's text-head thread yields the cores (Linux niceness is per thread): it has until
+    the encoders have loaded their models, and on a small machine the job waits for their start-up,
+    which it slowed (their constructors began 14.4-14.6 s after launch at niceness 10, 16.0 s at 0)."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class _DriverTextHeads:
+    """The text heads built in a driver thread while the dataset starts. The encoders get them
+    through the job's counter; if building them fails (a checkpoint that cannot be loaded), the
+    running dataset is interrupted at once, instead of the encoders failing one after another."""
+
+    def __init__(self, pool: ThreadPoolExecutor, args: tuple):
+        self.future = pool.submit(_prepare_text_heads, *args)
+        self._dataset_running = threading.Event()
+
+    def through(self, counter) -> tuple:
+        """(prepared, schema) refs for the encoders and the sink, filled once the heads are built."""
+        refs = counter.text_heads.options(num_returns=2).remote()
+        self.future.add_done_callback(lambda done: self._hand_over(done, counter))
+        return refs
+
+    def _hand_over(self, done: Future, counter) -> None:
+        if done.exception() is None:
+            counter.hand_over.remote(*done.result())
+            return
+        counter.hand_over.remote(None, None, f"the text head failed in the driver: {done.exception()!r}")
+        if self._dataset_running.is_set():
+            _thread.interrupt_main()  # a KeyboardInterrupt in the dataset's run, which run() turns into this error
+
+    def failure(self) -> BaseException | None:
+        return self.future.exception() if self.future.done() else None
+
+    @contextmanager
+    def interrupting(self):
+        """While the dataset runs in the main thread: a failure of the heads interrupts it."""
+        self._dataset_running.set()
+        try:
+            if self.failure() is not None:  # it failed before the dataset started
+                raise self.failure()
+            yield
+        finally:
+            self._dataset_running.clear()
 
 
 class _CountingEncoder(ClipEncoder):
@@ -335,12 +389,15 @@ class Job:
             return ([(m.model_name, m.pretrained, m.precision) for m in self.members], device,
                     self.prompts.prompts, metadata, self.columns, embedding_dtype, self.carried)
 
-        # A local run without GPUs builds the text head right here while Ray starts, instead of in
-        # one more worker process competing for the same few cores with the encoder's start-up.
+        # On a machine without GPUs whose Ray is this one node, the driver builds the text head
+        # (beside Ray's start, when this run starts Ray) instead of one more worker process that
+        # would compete with the encoder's start-up for the same few cores; the dataset does not
+        # wait for it: the encoders receive it through the job's counter once it is ready.
         stored = self._stored_text_head(metadata, embedding_dtype)
-        in_driver = stored is None and self._local_cpu_only()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            head_here = pool.submit(_prepare_text_heads, *head_args("cpu")) if in_driver else None
+        pool = ThreadPoolExecutor(max_workers=1, initializer=_lower_priority)
+        try:
+            head_here = _DriverTextHeads(pool, head_args("cpu")) \
+                if stored is None and self._local_cpu_only() else None
             dashboard = init_ray()
             if dashboard:
                 print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
@@ -357,36 +414,46 @@ class Job:
                   f"{plan.min_actors}{'' if plan.min_actors == plan.max_actors else '-' + str(plan.max_actors)} "
                   f"encoder actor(s), {plan.gpus_per_actor:g} GPU and {plan.cpus_per_actor:g} CPU each, "
                   f"batch {plan.batch_size}{f', {plan.lanes} lanes' if plan.lanes > 1 else ''}", flush=True)
-            ready = stored or (head_here.result() if head_here else None)
-            if ready is None and plan.device == "cpu" and _ray_is_this_machine():
+            if stored is None and head_here is None and plan.device == "cpu" and ray_is_this_machine():
                 # A Ray the caller started on this machine (a notebook, a script): the driver has the
                 # model code imported already, where a task's fresh worker would import torch and
                 # open_clip again (16 s for a tiny model's head on 2 cores, the encoder waiting for it).
-                ready = _prepare_text_heads(*head_args("cpu"))
-            if ready is not None:
-                prepared, schema = (ray.put(part) for part in ready)
+                head_here = _DriverTextHeads(pool, head_args("cpu"))
+            # On the driver's node, so that losing a worker node never loses the progress count.
+            counter = ray.remote(num_cpus=0)(JobCounter).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                   soft=True)).remote()
+            if stored is not None:
+                prepared, schema = (ray.put(part) for part in stored)
+            elif head_here is not None:
+                prepared, schema = head_here.through(counter)
             else:
                 gpus = plan.gpus_per_actor if plan.device == "cuda" else 0  # logical GPUs compute on CPU
                 prepared, schema = ray.remote(_prepare_text_heads).options(
                     num_cpus=0.5, num_gpus=gpus, num_returns=2).remote(*head_args(plan.device))
-        ray_ready = time.time()
-        sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
-                                    self.spec.output.rows_per_part)
-        first_batch_at, steady = None, 0.0
-        if todo.num_rows:
-            # On the driver's node, so that losing a worker node never loses the progress count.
-            counter = ray.remote(num_cpus=0)(ProgressCounter).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                   soft=True)).remote()
-            with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
-                dataset = self._dataset(todo, plan, prepared, embedding_dtype, counter)
-                dataset.write_datasink(sink)
-            if os.environ.get("CLIPBATCH_RAY_STATS"):
-                print(dataset.stats(), flush=True)
-            try:
-                first_batch_at, steady = ray.get(counter.steady_rate.remote())
-            except ray.exceptions.RayError:  # the counter's node was lost: the job is fine, these 2 timings are not
-                pass
+            ray_ready = time.time()
+            sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
+                                        self.spec.output.rows_per_part)
+            first_batch_at, steady = None, 0.0
+            if todo.num_rows:
+                with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
+                    dataset = self._dataset(todo, plan, prepared, embedding_dtype, counter)
+                    with head_here.interrupting() if head_here is not None else nullcontext():
+                        dataset.write_datasink(sink)
+                if os.environ.get("CLIPBATCH_RAY_STATS"):
+                    print(dataset.stats(), flush=True)
+                try:
+                    first_batch_at, steady = ray.get(counter.steady_rate.remote())
+                except ray.exceptions.RayError:  # the counter's node was lost: the job is fine, these 2 timings are not
+                    pass
+            if head_here is not None:
+                head_here.future.result()  # its error, if it failed while nothing waited for it
+        except BaseException:
+            if head_here is not None and head_here.failure() is not None:
+                raise head_here.failure() from None  # what failed first, as it failed
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         head = ray.get(prepared)
         timings = {"listing_s": round(self.listing_seconds, 3), "ray_start_s": round(ray_ready - t0, 3),
                    "text_head_s": round(head["seconds"] - t0, 3), "inference_s": round(time.time() - ray_ready, 3)}
@@ -427,12 +494,12 @@ class Job:
         return _prepared(heads, metadata, self.columns, embedding_dtype, self.carried)
 
     def _local_cpu_only(self) -> bool:
-        """True when this run will start its own Ray on a machine without CUDA (a laptop, CI)."""
+        """True when this run starts (or started) its own Ray on a machine without CUDA (a laptop, CI)."""
         import ray
         import torch
 
-        return (not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-                and self.spec.compute.device != "cuda" and not torch.cuda.is_available())
+        own_ray = started_here() or (not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"))
+        return own_ray and self.spec.compute.device != "cuda" and not torch.cuda.is_available()
 
     def _dataset(self, todo: pa.Table, plan: ComputePlan, prepared, embedding_dtype: str | None, counter):
         import ray
@@ -525,52 +592,3 @@ def build(spec_or_path, overrides: dict | None = None) -> Job:
     spec = spec_or_path if isinstance(spec_or_path, JobSpec) and not overrides else \
         load_spec(spec_or_path, overrides)
     return Job(spec)
-
-
-def ray_cluster_info() -> dict:
-    """Which Ray ran the job: enough to tell a local run from a cluster run afterwards."""
-    import ray
-
-    resources = ray.cluster_resources()
-    return {"address": os.environ.get("RAY_ADDRESS") or "local",
-            "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
-            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
-            "memory": resources.get("memory", 0)}
-
-
-def _ray_is_this_machine() -> bool:
-    """True when the connected Ray is one node, the driver's own."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
-
-
-def _no_false_cpu_alarm(record: logging.LogRecord) -> bool:
-    """Drops Ray Data's "the Ray cluster currently does not have any available CPUs ... will
-    hang" for the Ray a job starts for itself: nothing else runs there, and the warning appeared
-    at the start of every local job, each of which then ran normally (a false alarm)."""
-    return "does not have any available CPUs" not in record.getMessage()
-
-
-def init_ray() -> str | None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray; returns the dashboard's URL, if any."""
-    import ray
-
-    dashboard = None
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            dashboard = ray.init(logging_level="WARNING").dashboard_url
-        else:
-            ray.init(include_dashboard=False, logging_level="WARNING")
-            logging.getLogger("ray.data.dataset").addFilter(_no_false_cpu_alarm)
-    # clipbatch prints its own progress line (rows/total, img/s, ETA); Ray Data's is per operator.
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Its advice ("consider setting memory=...") names a Ray option a job spec has no key for; an
-    # encoder actor's memory is its model's, steady, and the CPU plan sizes the actors to the node.
-    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    return f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard

@@ -8,6 +8,7 @@ into a log.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -61,6 +62,29 @@ class ProgressCounter:
         if self.first is None or self.batches < STEADY_MIN_BATCHES or self.last_at <= self.first[0]:
             return (self.first[0] if self.first else None), 0.0
         return self.first[0], (self.rows - self.first[1]) / (self.last_at - self.first[0])
+
+
+class JobCounter(ProgressCounter):
+    """A job's counter (a Ray actor on the driver's node), which also carries the text heads the
+    driver builds to the encoders: they hold the refs text_heads() returns at once, and those
+    resolve when the driver hands the heads over, so the encoders start (and load their models)
+    without waiting for them. Kept in this module, free of torch, because its process imports it."""
+
+    def __init__(self):
+        super().__init__()
+        self._handed = asyncio.Event()
+        self._heads: tuple = (None, None, "no text head was handed over")
+
+    def hand_over(self, prepared: dict | None, schema, error: str | None = None) -> None:
+        self._heads = (prepared, schema, error)
+        self._handed.set()
+
+    async def text_heads(self) -> tuple:
+        await self._handed.wait()
+        prepared, schema, error = self._heads
+        if error:
+            raise RuntimeError(error)
+        return prepared, schema
 
 
 class ProgressReporter:

@@ -100,6 +100,27 @@ def test_steady_rate_counts_from_the_first_batch(monkeypatch):
     assert counter.read() == (160, 4) and counter.steady_rate() == (100.0, pytest.approx(128 / 13))
 
 
+def test_job_counter_hands_the_drivers_text_heads_to_the_encoders(ray_local):
+    """The encoders get the counter's refs before the driver has built the text heads; the refs
+    resolve when the heads are handed over, or raise why the driver could not build them."""
+    import ray
+
+    from clipbatch.progress import JobCounter
+
+    counter = ray.remote(num_cpus=0)(JobCounter).remote()
+    prepared, schema = counter.text_heads.options(num_returns=2).remote()
+    assert ray.get(counter.add.remote(32, 1)) is None and ray.get(counter.read.remote()) == (32, 1)
+    assert ray.wait([prepared, schema], num_returns=2, timeout=1.0)[0] == []  # nothing handed over yet
+    counter.hand_over.remote({"heads": ["head"]}, "schema")
+    assert ray.get([prepared, schema], timeout=30) == [{"heads": ["head"]}, "schema"]
+
+    failed = ray.remote(num_cpus=0)(JobCounter).remote()
+    prepared, _ = failed.text_heads.options(num_returns=2).remote()
+    failed.hand_over.remote(None, None, "the text head failed in the driver: OSError('gone')")
+    with pytest.raises(ray.exceptions.RayTaskError, match="the text head failed in the driver"):
+        ray.get(prepared, timeout=30)
+
+
 def test_progress_never_shows_more_than_the_total():
     """Batches Ray runs again after losing a node are counted again (seen: 2,016 of 2,000 in the
     multi-node test); the line a user reads stops at the total."""

@@ -88,9 +88,9 @@ def test_builtin_name_with_checkpoint_file(tmp_path, images, ray_local):
 
 @pytest.mark.slow
 def test_cli_run_with_text_head_in_driver_matches(images, tiny_model, tmp_path, library_run):
-    """`clipbatch run` on a CPU machine with no Ray running builds the text head in the driver while Ray
-    starts; its results equal those of clipbatch.run() in a Ray already running here (whose head the
-    driver builds after connecting; test_multinode compares a head built by a Ray task)."""
+    """`clipbatch run` on a CPU machine with no Ray running starts Ray beside its checks and builds the
+    text head in the driver while the encoder starts; its results equal those of clipbatch.run() in a
+    Ray already running here (test_multinode compares a head built by a Ray task)."""
     import os
     import subprocess
     import sys

@@ -48,7 +48,8 @@ def test_zero_images_found(tmp_path, capsys, tiny_model):
     assert "no images found" in capsys.readouterr().err
 
 
-def test_run_fails_before_ray_starts(tmp_path, capsys, tiny_model, monkeypatch):
+def test_run_bad_spec_stops_the_ray_it_started(tmp_path, capsys, tiny_model, monkeypatch):
+    """`clipbatch run` starts Ray beside the checks; a spec that fails them leaves no Ray and no output."""
     import ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -86,3 +87,19 @@ def test_unreachable_hub_model_fails_before_work(tmp_path, capsys, images, monke
     assert run_cli(tmp_path, spec, command="run") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "hf-hub:no-such-org/no-such-clip" in err and "hub" in err, err
+
+
+def test_unloadable_checkpoint_fails_in_one_line(tmp_path, capsys, tiny_model, images, ray_local):
+    """A checkpoint the checks find but that cannot be loaded (here truncated) stops the job, which
+    has already started, within seconds: one line naming the model, exit code 2, no rows written."""
+    import shutil
+    from pathlib import Path
+
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(tiny_model.removeprefix("local-dir:")), broken)
+    weights = broken / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert run_cli(tmp_path, spec_dict(images, f"local-dir:{broken}", tmp_path / "out"), command="run") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipbatch: error: ")]
+    assert len(err) == 1 and f"model local-dir:{broken} cannot be loaded" in err[0], err
+    assert not list((tmp_path / "out").glob("part-*"))

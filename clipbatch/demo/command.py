@@ -77,7 +77,7 @@ def run_demo(out_dir, n: int = 360, seed: int = world.DEMO_SEED) -> dict:
     """Generate the set, run the job through ``clipbatch.pipeline``, score it; returns the metrics."""
     import yaml
 
-    from clipbatch.pipeline import build
+    from clipbatch.ray_session import build_while_ray_starts
 
     out_dir = Path(out_dir).expanduser().resolve()
     images_dir = out_dir / "images"
@@ -92,7 +92,7 @@ def run_demo(out_dir, n: int = 360, seed: int = world.DEMO_SEED) -> dict:
     print(f"clipbatch demo: {n_images} pictures of {len(world.CLASSES)} classes (seed {seed}) in {images_dir} "
           f"({generate_s:.1f}s); running {spec_path}", flush=True)
 
-    job = build(str(spec_path))
+    job = build_while_ray_starts(str(spec_path))
     summary = job.run()
     metrics = score(out_dir / "output", n_images)
     metrics.update({"seed": seed, "errors": summary.errors, "complete": summary.complete,
