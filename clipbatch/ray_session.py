@@ -8,7 +8,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-_started_here = False  # this process started the local Ray it is connected to
+_started_here: str | None = None  # the GCS address of the local Ray this process started
 _dashboard: str | None = None
 
 
@@ -25,15 +25,16 @@ def start_ray() -> None:
         _dashboard = f"http://{url}" if url and "://" not in url else url
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
-        _started_here = True
+        _started_here, _dashboard = ray.get_runtime_context().gcs_address, None
         logging.getLogger("ray.data.dataset").addFilter(_no_false_cpu_alarm)
 
 
 def started_here() -> bool:
-    """True while this process is connected to a local Ray it started itself."""
+    """True while this process is connected to a local Ray it started itself (not to one that
+    someone started after shutting that one down, as a test session may)."""
     import ray
 
-    return _started_here and ray.is_initialized()
+    return ray.is_initialized() and _started_here == ray.get_runtime_context().gcs_address
 
 
 def stop_ray_started_here() -> None:
@@ -42,7 +43,7 @@ def stop_ray_started_here() -> None:
 
     if started_here():
         ray.shutdown()
-    _started_here = False
+    _started_here = None
 
 
 def init_ray() -> str | None:
