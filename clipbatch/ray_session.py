@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 _started_here: str | None = None  # the GCS address of the local Ray this process started
@@ -73,10 +74,13 @@ def build_while_ray_starts(spec, overrides: dict | None = None):
     if ray.is_initialized():
         return _build(spec, overrides)
     with ThreadPoolExecutor(max_workers=1) as pool:
+        began = time.time()
         building = pool.submit(_build, spec, overrides)
         try:
             start_ray()
-            return building.result()
+            job = building.result()
+            job.ray_started_at = began
+            return job
         except BaseException:
             building.cancel()
             stop_ray_started_here()
