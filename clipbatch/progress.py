@@ -34,8 +34,8 @@ STEADY_MIN_BATCHES = 5
 
 
 class ProgressCounter:
-    """Rows done so far: in a job a Ray actor with no CPU of its own that every encoder adds to,
-    in relabel a plain object in the driver."""
+    """Rows done so far: in relabel a plain object in the driver, in a job the JobCounter actor
+    (no CPU of its own) that every encoder adds to."""
 
     def __init__(self):
         self.rows = 0
