@@ -18,6 +18,9 @@
     process that only loads the model. With them it prints the rate a job of this design can be
     expected to reach here (that floor, plus the images at (c1)'s rate) and how far (d) was from it
 
+Without --pretrained the model's seeded random weights are saved once as a local-dir checkpoint in
+the workdir, and every mode loads them from there, as a real job loads its weights.
+
 Prints img/s for each, the ratios d/a, d/b and d/c, peak RSS of the clipbatch driver and of its
 Ray workers, and one JSON record at the end. Machines here are noisy: compare within one run.
 """
@@ -60,6 +63,28 @@ def load(model: str, pretrained: str | None):
     with torch.no_grad():
         head = m.encode_text(tokenizer([f"a photo of a {c}." for c in CLASSES]).to(DEVICE), normalize=True)
     return m, preprocess, head
+
+
+def random_weights_checkpoint(model: str, work: Path) -> str:
+    """A built-in model's seeded random weights, saved once as a `local-dir:` checkpoint in the workdir.
+
+    Why: a real job loads its weights from a checkpoint, and every mode here then loads them the way
+    open_clip's factory does. Built without one, each process would initialize them randomly, work
+    that no real job does (clipbatch skips that init when a checkpoint overwrites it)."""
+    if model.startswith(("local-dir:", "hf-hub:")) or model == "clipbatch-demo":
+        return model
+    folder = work / f"weights-{model.replace('/', '-')}"
+    if not (folder / "open_clip_model.safetensors").is_file():
+        import open_clip
+        import torch
+
+        from clipbatch.models import save_local_dir
+
+        torch.manual_seed(0)
+        built = open_clip.create_model(model)
+        save_local_dir(built, open_clip.get_model_config(model), folder,
+                       json.loads(json.dumps(open_clip.get_model_preprocess_cfg(built))))
+    return f"local-dir:{folder}"
 
 
 def _input(x):
@@ -497,7 +522,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--pretrained", default=None, help="default: random weights (speed only)")
+    p.add_argument("--pretrained", default=None,
+                   help="default: random weights (speed only), saved once as a local-dir checkpoint")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="build the random weights in every process instead of loading them from a checkpoint")
     p.add_argument("--smoke", action="store_true", help="a few images and a tiny model: checks the harness runs")
     p.add_argument("--scaling", action="store_true")
     p.add_argument("--listing", type=int, default=0, metavar="N")
@@ -532,6 +560,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.n, args.size, args.model = min(args.n, 48), [160, 120], "clipbatch-demo"
+    if not (args.pretrained or args.no_checkpoint or args.listing):
+        args.model = random_weights_checkpoint(args.model, work)
     if args.listing:
         record = {"listing": listing(args, work)}
     elif args.scaling:

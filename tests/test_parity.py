@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import open_clip
 import pyarrow.parquet as pq
@@ -84,6 +86,48 @@ def test_builtin_name_with_checkpoint_file(tmp_path, images, ray_local):
             ref = ref_model.encode_image(preprocess(Image.open(path)).unsqueeze(0), normalize=True)[0].numpy()
             got = np.asarray(rows[str(path)]["embedding"], dtype=np.float32)
             assert float(got @ ref) >= 0.999
+
+
+def test_checkpoints_load_without_a_wasted_random_init(tmp_path, tiny_model):
+    """A model whose checkpoint overwrites every parameter skips open_clip's random init, and has
+    exactly open_clip's weights and buffers; a local-dir without weights still gets the seeded random init."""
+    import threading
+
+    from clipbatch.models import _no_random_init, load_model
+
+    torch.manual_seed(5)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(open_clip.create_model("ViT-S-32-alt").state_dict(), ckpt)
+    for name, pretrained in [(tiny_model, None), ("ViT-S-32-alt", str(ckpt))]:
+        ours = load_model(name, pretrained, device="cpu", precision="fp32").model.state_dict()
+        theirs = open_clip.create_model(name, pretrained=pretrained).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name  # attn_mask (a buffer) included
+
+    config_only = tmp_path / "no-weights"
+    config_only.mkdir()
+    (config_only / "open_clip_config.json").write_text((Path(tiny_model.removeprefix("local-dir:")) /
+                                                        "open_clip_config.json").read_text())
+    ours = load_model(f"local-dir:{config_only}", None, device="cpu", precision="fp32").model.state_dict()
+    torch.manual_seed(0)
+    theirs = open_clip.create_model(f"local-dir:{config_only}").state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    inside, beside, gate = torch.zeros(64), torch.zeros(64), threading.Barrier(2)
+
+    def other_thread():
+        gate.wait()
+        torch.nn.init.normal_(beside)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with _no_random_init():
+        gate.wait()
+        torch.nn.init.normal_(inside)
+        thread.join()
+    assert not inside.any() and beside.any(), "skipped in the loading thread only"
+    torch.nn.init.normal_(inside)
+    assert inside.any(), "and only while loading"
 
 
 @pytest.mark.slow
