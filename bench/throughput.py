@@ -398,8 +398,8 @@ def compare(args, work: Path) -> dict:
     rounds = []
     for i in range(args.repeat):
         if args.repeat > 1:
-            print(f"round {i + 1} of {args.repeat}", flush=True)
-        rounds.append(one_round(args, paths, work))
+            print(f"round {i + 1} of {args.repeat}" + (" (modes in reverse order)" if i % 2 else ""), flush=True)
+        rounds.append(one_round(args, paths, work, round_index=i))
     record = {"n": len(paths), "model": args.model, "size": args.size, "device": DEVICE, "ratios": {},
               **({"rounds": rounds} if args.repeat > 1 else {})}
     for key in RATES:
@@ -442,16 +442,25 @@ def compare(args, work: Path) -> dict:
     return record
 
 
-def one_round(args, paths: list[Path], work: Path) -> dict:
+def round_order(modes: str, round_index: int) -> list[str]:
+    """The order of the modes in a round: d c b f a, every other round the other way round, so that
+    over two rounds a steady drift of the machine's speed (here up to 30% within an hour) cancels."""
+    order = [m for m in "dcbfa" if m in modes]
+    return order[::-1] if round_index % 2 else order
+
+
+def one_round(args, paths: list[Path], work: Path, round_index: int = 0) -> dict:
     record = {}
     batch = 32 if DEVICE == "cpu" else 256
-    if "d" in args.modes:
-        d = clipbatch_run(paths[0].parent.parent, args.model, args.pretrained, work / "out", overrides=args.set)
-        record["d_clipbatch"] = d
-        print(f"(d) clipbatch run          {d['img_per_s']:7.2f} img/s  ({d['seconds']} s, {d['device']}, batch "
-              f"{d['batch_size']}, driver peak {d['driver_peak_rss_mb']} MB, largest worker "
-              f"{d['worker_peak_rss_mb']} MB, GPU {d['gpu']}, timings {d['timings']})", flush=True)
-    if "c" in args.modes:
+
+    def d():
+        record["d_clipbatch"] = r = clipbatch_run(paths[0].parent.parent, args.model, args.pretrained, work / "out",
+                                                  overrides=args.set)
+        print(f"(d) clipbatch run          {r['img_per_s']:7.2f} img/s  ({r['seconds']} s, {r['device']}, batch "
+              f"{r['batch_size']}, driver peak {r['driver_peak_rss_mb']} MB, largest worker "
+              f"{r['worker_peak_rss_mb']} MB, GPU {r['gpu']}, timings {r['timings']})", flush=True)
+
+    def c():
         record["c_forward"] = forward_ceiling(args.model, args.pretrained, batch_size=batch,
                                               batches=8 if DEVICE == "cpu" else 40)
         print(f"(c) pure forward (ceiling) {record['c_forward']:7.2f} img/s (batch {batch})", flush=True)
@@ -459,7 +468,8 @@ def one_round(args, paths: list[Path], work: Path) -> dict:
             record["c1_forward_per_core"] = forward_per_core(args, batch)
             print(f"(c1) forward, 1 thread per core {record['c1_forward_per_core']:6.2f} img/s ({os.cpu_count()} "
                   "single-threaded processes at once: the cores clipbatch's CPU lanes use)", flush=True)
-    if "b" in args.modes:
+
+    def b():
         loop = dict(batch_size=batch, workers=min(16, os.cpu_count() or 2))
         record["b_dataloader"] = dataloader_loop_process(paths, args, work / "loop.parquet", **loop)
         print(f"(b) tuned DataLoader loop  {record['b_dataloader']:7.2f} img/s (a fresh process, as (d))", flush=True)
@@ -467,15 +477,21 @@ def one_round(args, paths: list[Path], work: Path) -> dict:
                                                             work / "loop.parquet", **loop)
         print(f"    the same loop in-process {record['b_dataloader_in_process']:5.2f} img/s (imports excluded)",
               flush=True)
-    if "f" in args.modes:
-        record["f_floor"] = f = floor(args, len(paths), batch, work)
-        print(f"(f) floor: a do-nothing Ray Data job of {len(paths)} rows {f['ray_job_s']} s, the model's start "
-              f"{f['model_start_s']} s (fresh processes, launch to exit)", flush=True)
-    if "a" in args.modes:
+
+    def f():
+        record["f_floor"] = r = floor(args, len(paths), batch, work)
+        print(f"(f) floor: a do-nothing Ray Data job of {len(paths)} rows {r['ray_job_s']} s, the model's start "
+              f"{r['model_start_s']} s (fresh processes, launch to exit)", flush=True)
+
+    def a():
         a_paths = paths[: max(32, len(paths) // 4)]
         record["a_per_image"] = per_image_loop(a_paths, args.model, args.pretrained)
         print(f"(a) per-image loop         {record['a_per_image']:7.2f} img/s (on {len(a_paths)} images)",
               flush=True)
+
+    steps = {"d": d, "c": c, "b": b, "f": f, "a": a}
+    for mode in round_order(args.modes, round_index):
+        steps[mode]()
     return record
 
 
@@ -533,7 +549,8 @@ def main() -> None:
                    help="where loops (a)-(c) run their model; clipbatch (d) picks its device itself")
     p.add_argument("--modes", default="abcdf", help="which of a b c d f to run (default all)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="run the modes N times in turn and report medians (this machine is noisy)")
+                   help="run the modes N times, every other round in reverse order, and report medians "
+                        "(this machine is noisy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="spec override for the clipbatch run, e.g. input.jpeg_draft=true")
     p.add_argument("--workdir", type=Path)

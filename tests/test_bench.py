@@ -34,6 +34,15 @@ def test_smoke_compare(tmp_path):
     assert record["floor_s"] > 0 and 0 < record["best_d_img_per_s"] < record.get("c1_forward_per_core", record["c_forward"])
 
 
+def test_repeat_reverses_every_other_round():
+    """--repeat takes the modes the other way round every other round, so that a steady drift cancels."""
+    sys.path.insert(0, str(BENCH.parent))
+    from throughput import round_order
+
+    assert [round_order("abcdf", i) for i in range(3)] == [list("dcbfa"), list("afbcd"), list("dcbfa")]
+    assert round_order("da", 1) == ["a", "d"]
+
+
 def test_listing_plans_without_reading(tmp_path):
     record = run_bench(tmp_path, "--listing", "20000")["listing"]
     assert record["uris"] == 20000 and record["plan_s"] < 60
