@@ -71,19 +71,18 @@ def random_weights_checkpoint(model: str, work: Path) -> str:
     Why: a real job loads its weights from a checkpoint, and every mode here then loads them the way
     open_clip's factory does. Built without one, each process would initialize them randomly, work
     that no real job does (clipbatch skips that init when a checkpoint overwrites it)."""
-    if model.startswith(("local-dir:", "hf-hub:")) or model == "clipbatch-demo":
+    from clipbatch.models import resolve_model_name, save_local_dir
+
+    if resolve_model_name(model).startswith(("local-dir:", "hf-hub:")):  # clipbatch-demo is a local-dir
         return model
     folder = work / f"weights-{model.replace('/', '-')}"
     if not (folder / "open_clip_model.safetensors").is_file():
         import open_clip
         import torch
 
-        from clipbatch.models import save_local_dir
-
         torch.manual_seed(0)
         built = open_clip.create_model(model)
-        save_local_dir(built, open_clip.get_model_config(model), folder,
-                       json.loads(json.dumps(open_clip.get_model_preprocess_cfg(built))))
+        save_local_dir(built, open_clip.get_model_config(model), folder, open_clip.get_model_preprocess_cfg(built))
     return f"local-dir:{folder}"
 
 

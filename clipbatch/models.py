@@ -180,22 +180,27 @@ def load_model(name: str, pretrained: str | None, device: str = "auto", precisio
     # Seeded, so that a model without pretrained weights (benchmarks) is the same in every process:
     # the text head is built in one process and the images are encoded in others.
     torch.manual_seed(0)
-    model = None
-    if _weights_overwrite_init(resolved, pretrained_arg):
-        try:
-            with _no_random_init():
-                model = open_clip.create_model(resolved, pretrained=pretrained_arg, precision=precision,
-                                               device=device, require_pretrained=True)
-        except RuntimeError as exc:  # no weights after all (a local-dir without them): initialize as usual
-            if "could not be loaded" not in str(exc):
-                raise
-            torch.manual_seed(0)
-    if model is None:
-        model = open_clip.create_model(resolved, pretrained=pretrained_arg, precision=precision, device=device)
+    model = _create_model(resolved, pretrained_arg, precision=precision, device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(resolved)
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
     return LoadedModel(model, tokenizer, device, precision, cfg)
+
+
+def _create_model(resolved: str, pretrained: str | None, **options):
+    """open_clip's create_model, without the random init where a full checkpoint overwrites it."""
+    import open_clip
+    import torch
+
+    if _weights_overwrite_init(resolved, pretrained):
+        try:
+            with _no_random_init():
+                return open_clip.create_model(resolved, pretrained=pretrained, require_pretrained=True, **options)
+        except RuntimeError as exc:  # no weights after all (a local-dir without them): initialize as usual
+            if "could not be loaded" not in str(exc):
+                raise
+            torch.manual_seed(0)
+    return open_clip.create_model(resolved, pretrained=pretrained, **options)
 
 
 def _weights_overwrite_init(resolved: str, pretrained: str | None) -> bool:
