@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_checkpoints_load_without_a_wasted_random_init(tmp_path, tiny_model):
     exactly open_clip's weights and buffers; a local-dir without weights still gets the seeded random init."""
     import threading
 
-    from clipbatch.models import _no_random_init, load_model
+    from clipbatch.models import _loading_checkpoint, load_model
 
     torch.manual_seed(5)
     ckpt = tmp_path / "ckpt.pt"
@@ -121,13 +122,41 @@ def test_checkpoints_load_without_a_wasted_random_init(tmp_path, tiny_model):
 
     thread = threading.Thread(target=other_thread)
     thread.start()
-    with _no_random_init():
+    with _loading_checkpoint():
         gate.wait()
         torch.nn.init.normal_(inside)
         thread.join()
     assert not inside.any() and beside.any(), "skipped in the loading thread only"
     torch.nn.init.normal_(inside)
     assert inside.any(), "and only while loading"
+
+    from torch.nn.modules import activation  # nn.MultiheadAttention binds xavier_uniform_ by name at import
+
+    bound = torch.zeros(8, 8)
+    with _loading_checkpoint():
+        activation.xavier_uniform_(bound)
+    assert not bound.any(), "skipped where a module imported the init function by name"
+
+
+def test_checkpoint_tensors_are_taken_not_copied_and_keep_the_models_dtype(tmp_path, tiny_model):
+    """A safetensors checkpoint's tensors become the model's own (memory-mapped, never copied); one
+    saved in float16 still gives the float32 model open_clip's copying load gives."""
+    from clipbatch.models import load_model, save_local_dir
+
+    ours = load_model(tiny_model, None, device="cpu", precision="fp32").model
+    checkpoint = Path(tiny_model.removeprefix("local-dir:")) / "open_clip_model.safetensors"
+    mapped = [[int(x, 16) for x in line.split()[0].split("-")] for line in Path("/proc/self/maps").read_text()
+              .splitlines() if line.endswith(str(checkpoint.resolve()))]
+    assert all(any(lo <= p.data_ptr() < hi for lo, hi in mapped) for p in ours.parameters()), \
+        "every parameter lies in the checkpoint's memory map"
+    saved = open_clip.create_model(tiny_model)
+    half = save_local_dir(saved, json.loads((Path(tiny_model.removeprefix("local-dir:")) /
+                                             "open_clip_config.json").read_text())["model_cfg"],
+                          tmp_path / "half", dtype="float16")
+    ours = load_model(f"local-dir:{half}", None, device="cpu", precision="fp32").model.state_dict()
+    theirs = open_clip.create_model(f"local-dir:{half}").state_dict()
+    assert {v.dtype for v in ours.values() if v.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 @pytest.mark.slow
