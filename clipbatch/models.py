@@ -275,9 +275,10 @@ def _assigning(load_state_dict):
     @functools.wraps(load_state_dict)
     def assign_while_loading(self, state_dict, strict=True, assign=False):
         if getattr(_loading, "active", False) and not assign:
-            # assign keeps the checkpoint's dtype; a copy would have cast it to the module's
+            # assign keeps the checkpoint tensor's dtype and device; a copy would have cast and moved
+            # it to the parameter's (open_clip sets precision and device before it loads)
             own = self.state_dict(keep_vars=True)
-            state_dict = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v
+            state_dict = {k: v.to(device=own[k].device, dtype=own[k].dtype) if k in own else v
                           for k, v in state_dict.items()}
             assign = True
         return load_state_dict(self, state_dict, strict=strict, assign=assign)

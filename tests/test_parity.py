@@ -139,8 +139,9 @@ def test_checkpoints_load_without_a_wasted_random_init(tmp_path, tiny_model):
 
 
 def test_checkpoint_tensors_are_taken_not_copied_and_keep_the_models_dtype(tmp_path, tiny_model):
-    """A safetensors checkpoint's tensors become the model's own (memory-mapped, never copied); one
-    saved in float16 still gives the float32 model open_clip's copying load gives."""
+    """A safetensors checkpoint's tensors become the model's own (memory-mapped, never copied), and
+    each parameter keeps the dtype open_clip's copying load gives it: a float16 checkpoint loads
+    as float32, and bf16 precision casts only the layers open_clip casts."""
     from clipbatch.models import load_model, save_local_dir
 
     ours = load_model(tiny_model, None, device="cpu", precision="fp32").model
@@ -153,10 +154,12 @@ def test_checkpoint_tensors_are_taken_not_copied_and_keep_the_models_dtype(tmp_p
     half = save_local_dir(saved, json.loads((Path(tiny_model.removeprefix("local-dir:")) /
                                              "open_clip_config.json").read_text())["model_cfg"],
                           tmp_path / "half", dtype="float16")
-    ours = load_model(f"local-dir:{half}", None, device="cpu", precision="fp32").model.state_dict()
-    theirs = open_clip.create_model(f"local-dir:{half}").state_dict()
-    assert {v.dtype for v in ours.values() if v.is_floating_point()} == {torch.float32}
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    for folder, precision in [(half, "fp32"), (half, "bf16"), (checkpoint.parent, "bf16")]:
+        ours = load_model(f"local-dir:{folder}", None, device="cpu", precision=precision).model.state_dict()
+        theirs = open_clip.create_model(f"local-dir:{folder}", precision=precision).state_dict()
+        assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}, precision
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert {v.dtype for v in ours.values() if v.is_floating_point()} == {torch.float32, torch.bfloat16}
 
 
 @pytest.mark.slow
