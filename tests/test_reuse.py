@@ -47,7 +47,7 @@ def reference_head(model_name: str, classes: list[str], templates: list[str]) ->
             e = model.encode_text(tokenizer([t.format(c) for t in templates])).float()
             e = torch.nn.functional.normalize(e, dim=-1).mean(0)
             rows.append(torch.nn.functional.normalize(e, dim=0))
-    return torch.stack(rows).numpy().astype(np.float64), float(model.logit_scale.exp())
+    return torch.stack(rows).numpy().astype(np.float64), model.logit_scale.exp().item()
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
