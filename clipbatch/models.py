@@ -232,8 +232,9 @@ def _loading_checkpoint():
     Why: open_clip builds a model with random weights and then copies the checkpoint over all of
     them. Both are wasted work on every actor's and driver's start. For ViT-B-32 on this 2-core
     machine the random init took 1.0-2.0 s and the copy 0.4-1.2 s (it touches 600 MB of new
-    memory), against 0.03-0.05 s for the whole build and load without them. A safetensors checkpoint then stays
-    memory-mapped, so a tower that is never run (the text tower in an image encoder) is never read.
+    memory), against 0.03-0.05 s for the whole build and load without them. A safetensors
+    checkpoint then stays memory-mapped, so a tower that is never run (the text tower in an image
+    encoder) is never read.
     With ``require_pretrained=True`` and open_clip's strict load, a parameter the checkpoint lacks
     is an error, not uninitialized memory. Other threads (a user's, building their own model
     meanwhile) initialize and copy as usual.

@@ -145,18 +145,18 @@ def test_checkpoint_tensors_are_taken_not_copied_and_keep_the_models_dtype(tmp_p
     from clipbatch.models import load_model, save_local_dir
 
     ours = load_model(tiny_model, None, device="cpu", precision="fp32").model
-    checkpoint = Path(tiny_model.removeprefix("local-dir:")) / "open_clip_model.safetensors"
+    folder = Path(tiny_model.removeprefix("local-dir:"))
+    checkpoint = folder / "open_clip_model.safetensors"
     mapped = [[int(x, 16) for x in line.split()[0].split("-")] for line in Path("/proc/self/maps").read_text()
               .splitlines() if line.endswith(str(checkpoint.resolve()))]
     assert all(any(lo <= p.data_ptr() < hi for lo, hi in mapped) for p in ours.parameters()), \
         "every parameter lies in the checkpoint's memory map"
     saved = open_clip.create_model(tiny_model)
-    half = save_local_dir(saved, json.loads((Path(tiny_model.removeprefix("local-dir:")) /
-                                             "open_clip_config.json").read_text())["model_cfg"],
+    half = save_local_dir(saved, json.loads((folder / "open_clip_config.json").read_text())["model_cfg"],
                           tmp_path / "half", dtype="float16")
-    for folder, precision in [(half, "fp32"), (half, "bf16"), (checkpoint.parent, "bf16")]:
-        ours = load_model(f"local-dir:{folder}", None, device="cpu", precision=precision).model.state_dict()
-        theirs = open_clip.create_model(f"local-dir:{folder}", precision=precision).state_dict()
+    for weights, precision in [(half, "fp32"), (half, "bf16"), (folder, "bf16")]:
+        ours = load_model(f"local-dir:{weights}", None, device="cpu", precision=precision).model.state_dict()
+        theirs = open_clip.create_model(f"local-dir:{weights}", precision=precision).state_dict()
         assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}, precision
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert {v.dtype for v in ours.values() if v.is_floating_point()} == {torch.float32, torch.bfloat16}
