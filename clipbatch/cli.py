@@ -1,57 +1,166 @@
-"""`clipbatch run|validate|demo|relabel|search ...`: the command line over the pipeline and its outputs."""
+"""`clipbatch run|validate|demo|submit|status|logs|eval|report|relabel|search`: the command line.
+
+Every parser is here; each command calls one library function. A command imports
+its module when it runs, so that `clipbatch --help` and a bad spec do not wait for
+torch, Ray and matplotlib to import.
+"""
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
+from pathlib import Path
 
-from clipbatch.config import SpecError, parse_override
-from clipbatch.secrets import redact
+from clipbatch.errors import UserError, redact
+from clipbatch.spec import parse_override, parse_storage_options
 
 
 def _overrides(items: list[str] | None) -> dict:
     return dict(parse_override(item) for item in items or [])
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="job spec (YAML)")
-    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                   help="override a spec key, e.g. --set output.path=out/ --set compute.actors=4")
-
-
 def cmd_validate(args) -> int:
-    from clipbatch.pipeline import build
+    from clipbatch.pipeline.job import build
 
-    job = build(args.spec, _overrides(args.set))
-    print(job.describe())
+    print(build(args.spec, _overrides(args.set)).describe())
     print("spec is valid; nothing was run")
     return 0
 
 
 def cmd_run(args) -> int:
-    from clipbatch.ray_session import build_while_ray_starts
+    from clipbatch.pipeline.job import build
 
-    job = build_while_ray_starts(args.spec, _overrides(args.set))
+    job = build(args.spec, _overrides(args.set))
     print(job.describe(), flush=True)
-    summary = job.run()
-    print_summary(summary)
+    summary = job.run(stats=args.stats)
+    if not summary.skipped:
+        state = "complete" if summary.complete else "INCOMPLETE (rerun to finish)"
+        print(f"\nclipbatch: {state}: {summary.rows:,} rows ({summary.new_rows:,} new), {summary.errors:,} errors, "
+              f"{summary.images_per_s:.1f} img/s on {summary.device}, {summary.seconds:.1f} s in all\n"
+              f"results: {summary.output}", flush=True)
     return 0 if summary.complete else 1
 
 
-def print_summary(summary) -> None:
-    if summary.skipped:
-        return
-    state = "complete" if summary.complete else "INCOMPLETE (rerun to finish)"
-    print(f"\nclipbatch: {state}: {summary.rows:,} rows ({summary.new_rows:,} new), {summary.errors:,} errors, "
-          f"{summary.images_per_s:.1f} img/s on {summary.device}, {summary.seconds:.1f} s in all\n"
-          f"results: {summary.output}", flush=True)
+def cmd_demo(args) -> int:
+    from clipbatch.commands.demo import MIN_ACCURACY, print_report, run_demo
+
+    metrics = run_demo(args.out, args.n, args.seed)
+    print_report(metrics)
+    return 0 if metrics["accuracy"] >= MIN_ACCURACY else 1
 
 
-def add_relabel_parser(sub) -> None:
+def cmd_relabel(args) -> int:
+    from clipbatch.commands.relabel import Relabel
+
+    job = Relabel(args.output, args.out, classes=args.classes, classes_file=args.classes_file,
+                  templates=args.templates, min_score=args.min_score, unknown=args.unknown, top_k=args.top_k,
+                  storage_options=parse_storage_options(args.storage_option))
+    print(job.describe(), flush=True)
+    summary = job.run()
+    if not summary.skipped:
+        print(f"\nclipbatch: complete: {summary.rows:,} rows ({summary.errors:,} errors) relabeled at "
+              f"{summary.rows_per_s:,.0f} rows/s, {summary.seconds:.1f} s in all\nresults: {summary.output}",
+              flush=True)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from clipbatch.commands.search import run_search
+
+    if (args.query is None) == (args.image is None):
+        raise UserError("give a text query or --image PATH (one of them)")
+    if args.k < 1:
+        raise UserError("-k must be at least 1")
+    print(run_search(args.output, args.query, args.image, args.k, args.where, args.json, args.html,
+                     parse_storage_options(args.storage_option)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from clipbatch.commands.evaluate import evaluate, print_metrics
+
+    print_metrics(evaluate(args.spec, _overrides(args.set), args.truth, args.truth_column, args.calibrate,
+                           args.templates or []))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from clipbatch.commands.report import build_report
+
+    print(f"clipbatch report: {build_report(args.output, parse_storage_options(args.storage_option))}", flush=True)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from clipbatch.commands.submit import submit
+
+    return submit(args.spec, _overrides(args.set), args.address, not args.no_wait, args.working_dir)
+
+
+def cmd_status(args) -> int:
+    from clipbatch.commands.submit import client_for_job, report
+
+    return report(client_for_job(args.address, args.id), args.id)
+
+
+def cmd_logs(args) -> int:
+    from clipbatch.commands.submit import client_for_job, follow, print_logs
+
+    client = client_for_job(args.address, args.id)
+    return follow(client, args.id) if args.follow else print_logs(client, args.id)
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a spec key, e.g. --set output.path=out/ --set compute.actors=4")
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for the output and the images, e.g. endpoint_url=http://host:8333 "
+                   "(repeatable; credentials come from the environment)")
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="the Ray dashboard, e.g. http://HEAD:8265 "
+                                     "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+
+
+def _job_parsers(sub) -> None:
+    p = sub.add_parser("run", help="run a job spec")
+    _spec_args(p)
+    p.add_argument("--stats", action="store_true", help="print Ray Data's per-stage statistics at the end")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check a spec and list its inputs without running anything")
+    _spec_args(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("demo", help="label a generated 36-class image set with the bundled model",
+                       description="Label a generated, labeled image set with the bundled model, through the "
+                       "normal pipeline, and score it against the folder names.")
+    p.add_argument("--out", type=Path, default=Path("./clipbatch-demo"),
+                   help="folder for the pictures, job.yaml and output (default ./clipbatch-demo)")
+    p.add_argument("--n", type=int, default=360, help="number of pictures in all (default 360 = 10 per class)")
+    p.add_argument("--seed", type=int, default=2024, help="picture seed (default 2024, never used in training)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="score a job's output against ground truth (runs the job if needed)",
+                       description="A job's output against ground truth: metrics.json, plots, calibration, "
+                       "template sets.")
+    _spec_args(p)
+    p.add_argument("--truth", metavar="FILE", help="CSV or Parquet with columns id,label (default: the first "
+                   "folder of each id is its class)")
+    p.add_argument("--truth-column", metavar="COLUMN", help="an output column holding the true class "
+                   "(a parquet input column carried with input.keep)")
+    p.add_argument("--calibrate", action="store_true", help="fit one temperature (NLL) and report ECE before/after")
+    p.add_argument("--templates", action="append", metavar="SET", help="compare template sets from the stored "
+                   "embeddings: a built-in name, a templates file, or FILE#SET; repeat for each")
+    p.set_defaults(func=cmd_eval)
+
+
+def _output_parsers(sub) -> None:
     p = sub.add_parser("relabel", help="new classes, templates or threshold over an output's stored embeddings",
-                       description="Recompute labels and scores of a finished output from its stored embeddings, with new "
-                       "classes, templates or threshold, into a new output; no image is read again.")
+                       description="Recompute labels and scores of a finished output from its stored embeddings, "
+                       "with new classes, templates or threshold, into a new output; no image is read again.")
     p.add_argument("output", help="a complete clipbatch output (local path or URL)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--class", dest="classes", action="append", metavar="NAME", help="a class (repeatable)")
@@ -62,29 +171,8 @@ def add_relabel_parser(sub) -> None:
     p.add_argument("--unknown", metavar="NAME", help="the label below --min-score instead of null")
     p.add_argument("--top-k", type=int, help="length of top_labels/top_scores; default: the output's")
     p.add_argument("--out", required=True, help="where the new output goes (a new path)")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for the outputs, e.g. endpoint_url=http://host:8333 (repeatable)")
+    _storage_args(p)
     p.set_defaults(func=cmd_relabel)
-
-
-def cmd_relabel(args) -> int:
-    from clipbatch.relabel import Relabel
-    from clipbatch.stored import parse_storage_options
-
-    job = Relabel(args.output, args.out, classes=args.classes, classes_file=args.classes_file,
-                  templates=args.templates, min_score=args.min_score, unknown=args.unknown, top_k=args.top_k,
-                  storage_options=parse_storage_options(args.storage_option))
-    print(f"clipbatch: relabeling {job.stored.url} with {len(job.classes)} classes x {len(job.templates)} "
-          f"templates (model {job.stored.metadata['model']}) into {job.out.url}", flush=True)
-    summary = job.run()
-    if not summary.skipped:
-        print(f"\nclipbatch: complete: {summary.rows:,} rows ({summary.errors:,} errors) relabeled at "
-              f"{summary.rows_per_s:,.0f} rows/s, {summary.seconds:.1f} s in all\nresults: {summary.output}",
-              flush=True)
-    return 0
-
-
-def add_search_parser(sub) -> None:
     p = sub.add_parser("search", help="top-k rows of an output by cosine to a text or an image",
                        description="Exact top-k rows of an output by cosine similarity between a query "
                        "and the stored embeddings; no image is read again (except thumbnails for --html).")
@@ -95,59 +183,43 @@ def add_search_parser(sub) -> None:
     p.add_argument("--where", help="SQL filter on the output's columns, e.g. \"label = 'dog' AND score > 0.5\"")
     p.add_argument("--json", action="store_true", help='print [{"id", "source", "score", "label"}, ...]')
     p.add_argument("--html", metavar="FILE", help="also write a gallery page of the results' thumbnails")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for the output and the images, e.g. endpoint_url=... (repeatable)")
+    _storage_args(p)
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("report", help="write OUTPUT/_report/index.html: charts and galleries of a job's output",
+                       description="One self-contained HTML page about what a job labeled.")
+    p.add_argument("output", help="a job's output.path (local or any fsspec URL)")
+    _storage_args(p)
+    p.set_defaults(func=cmd_report)
 
 
-def cmd_search(args) -> int:
-    from clipbatch.search import as_json, format_results, image_query, search, text_query, write_html
-    from clipbatch.stored import StoredOutput, parse_storage_options
-
-    if (args.query is None) == (args.image is None):
-        raise SpecError("give a text query or --image PATH (one of them)")
-    if args.k < 1:
-        raise SpecError("-k must be at least 1")
-    storage_options = parse_storage_options(args.storage_option)
-    stored = StoredOutput(args.output, storage_options)
-    stored.require_embeddings("search")
-    member = stored.members[0]  # an ensemble is searched in its first model's embeddings
-    loaded = stored.load_model(member, device="cpu")
-    query = text_query(loaded, args.query) if args.image is None else \
-        image_query(loaded, args.image, member["preprocess_cfg"], storage_options)
-    del loaded  # the model is not needed for the scan
-    results = search(stored, query, args.k, args.where, column=member["embedding_column"])
-    print(as_json(results) if args.json else format_results(results))
-    if args.html:
-        write_html(args.html, f"clipbatch search: {args.query or args.image}", results, stored, storage_options)
-        if not args.json:
-            print(f"gallery: {args.html}")
-    return 0
+def _cluster_parsers(sub) -> None:
+    p = sub.add_parser("submit", help="run a job spec on a Ray cluster (Ray Jobs API)")
+    _spec_args(p)
+    _address_arg(p)
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    p.add_argument("--working-dir", metavar="DIR",
+                   help="ship DIR with the job; local paths in the spec under DIR are read from the copy")
+    p.set_defaults(func=cmd_submit)
+    for name, func, text in (("status", cmd_status, "state of a submitted job"),
+                             ("logs", cmd_logs, "logs of a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id", help="submission id printed by `clipbatch submit`")
+        _address_arg(p)
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
+        p.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipbatch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipbatch", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run a job spec")
-    _add_spec_args(p)
-    p.set_defaults(func=cmd_run)
-    p = sub.add_parser("validate", help="check a spec and list its inputs without running anything")
-    _add_spec_args(p)
-    p.set_defaults(func=cmd_validate)
-    from clipbatch.demo.command import add_demo_parser
-    add_demo_parser(sub)
-    add_relabel_parser(sub)
-    add_search_parser(sub)
-    from clipbatch.evaluate import add_eval_parser
-    add_eval_parser(sub)
-    from clipbatch.submit import add_submit_parsers
-    add_submit_parsers(sub)
-    from clipbatch.report import add_report_parser
-    add_report_parser(sub)
+    _job_parsers(sub)
+    _output_parsers(sub)
+    _cluster_parsers(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as exc:
+    except UserError as exc:
         print(f"clipbatch: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -156,13 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command_line() -> int:
-    """The `clipbatch` command: main(), then a quick exit. The interpreter's last garbage collection
-    walks every object that torch, open_clip and Ray made (2.1 s of a job's exit, measured here), and
-    the process ends right after it anyway, so those objects are frozen out of that collection."""
-    code = main()
-    gc.freeze()
-    return code
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(command_line())
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The commands over outputs and clusters: relabel, search, eval, report, submit, demo."""

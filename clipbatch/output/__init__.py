@@ -1,0 +1,1 @@
+"""An output folder: its layout and atomic parts, resume, finishing, and reading it back."""

@@ -1,0 +1,183 @@
+"""Bytes -> RGB uint8 pixels, resized and center-cropped exactly as open_clip does.
+
+Runs in CPU tasks. The geometric part of the model's own eval transform
+(open_clip ``image_transform_v2`` without ToTensor/Normalize) is applied here,
+for the default config by an equivalent that needs no torch,
+and the pixels travel as uint8 (4x smaller than float32); the encoder actor
+scales and normalizes them on its device. An image that cannot be read or
+decoded becomes a row with ``error`` set and blank pixels: it is never dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps
+
+from clipbatch.errors import one_line
+
+# Marks width/height of rows that failed, until the encoder turns them into nulls.
+FAILED_SIZE = -1
+# The error of a row that decoded fine, until the encoder turns it into a null (an all-null
+# column would reach the encoder as float NaNs after Ray's Arrow <-> numpy round trip).
+NO_ERROR = ""
+
+
+def _shortest_edge_then_center_crop(size: int, resample: int):
+    """open_clip's default eval geometry (resize_mode 'shortest', square size) without torch.
+
+    The same arithmetic as torchvision's Resize(size) and CenterCrop(size) on PIL images,
+    then convert('RGB'), in the same order; tests/test_decode.py checks it pixel for pixel
+    against open_clip's own transform. It keeps decode workers free of a 4 s torch import.
+    """
+    def apply(img: Image.Image) -> Image.Image:
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size, int(size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        img = img.resize((new_w, new_h), resample)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        return img.crop((left, top, left + size, top + size)).convert("RGB")
+    return apply
+
+
+def _open_clip_geometry(cfg):
+    """Any other preprocess config: open_clip's own eval transform minus ToTensor/Normalize."""
+    from open_clip.transform import image_transform_v2
+
+    steps = image_transform_v2(cfg, is_train=False).transforms
+    # The last two steps are ToTensor and Normalize; those happen on the encoder's device.
+    assert type(steps[-1]).__name__ == "Normalize" and "ToTensor" in type(steps[-2]).__name__, steps
+
+    def apply(img: Image.Image) -> Image.Image:
+        for step in steps[:-2]:
+            img = step(img)
+        return img
+    return apply
+
+
+@functools.lru_cache(maxsize=8)
+def _geometric_transform(preprocess_cfg_json: str):
+    """(callable PIL image -> resized, cropped RGB PIL image, (height, width)) for a preprocess config."""
+    cfg = json.loads(preprocess_cfg_json)
+    height, width = np.broadcast_to(cfg.get("size", 224), 2)
+    if cfg.get("resize_mode", "shortest") == "shortest" and height == width and cfg.get("mode", "RGB") == "RGB":
+        resample = Image.Resampling.BILINEAR if cfg.get("interpolation") == "bilinear" else Image.Resampling.BICUBIC
+        return _shortest_edge_then_center_crop(int(height), resample), (int(height), int(width))
+    from open_clip.transform import PreprocessCfg
+
+    return _open_clip_geometry(PreprocessCfg(**cfg)), (int(height), int(width))
+
+
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+# clipbatch checks input.max_pixels itself, from the header, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def _open(data: bytes, jpeg_draft: bool, draft_size: int, max_pixels: int | None) -> tuple[Image.Image, int, int]:
+    """Encoded bytes -> (upright RGB-convertible PIL image, original width, original height)."""
+    if not data:
+        raise ValueError("empty file")
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if max_pixels and width * height > max_pixels:
+            raise ValueError(f"{width}x{height} = {width * height:,} pixels is over input.max_pixels "
+                             f"({max_pixels:,})")
+        if img.getexif().get(0x0112) in _SWAPS_AXES:
+            width, height = height, width
+        if jpeg_draft and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return ImageOps.exif_transpose(img), width, height
+
+
+def _pixels(img: Image.Image, preprocess_cfg_json: str) -> np.ndarray:
+    pixels = np.asarray(_geometric_transform(preprocess_cfg_json)[0](img), dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"unexpected decoded shape {pixels.shape}")
+    return pixels
+
+
+def _draft_size(cfgs_json: list[str]) -> int:
+    return max(max(_geometric_transform(c)[1]) for c in cfgs_json)
+
+
+def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False,
+                 max_pixels: int | None = None) -> tuple[np.ndarray, int, int]:
+    """One encoded image -> (pixels HxWx3 uint8, original width, original height).
+
+    An image whose header announces more than max_pixels is refused before it is decoded
+    (a decompression bomb would otherwise take the worker's memory).
+
+    jpeg_draft lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the model's input
+    size): several times faster on large JPEGs, slightly different pixels from open_clip's.
+    """
+    img, width, height = _open(data, jpeg_draft, _draft_size([preprocess_cfg_json]), max_pixels)
+    return _pixels(img, preprocess_cfg_json), width, height
+
+
+def fetch_all(sources: list[str], storage_options: dict) -> list:
+    """One fetch for the whole batch (concurrent on object stores), in order, failures as values.
+
+    cat_ranges, unlike cat, never treats a name with [] or * in it as a glob.
+    """
+    if not sources:
+        return []
+    fs, _ = fsspec.core.url_to_fs(sources[0], **storage_options)
+    return fs.cat_ranges([fs._strip_protocol(s) for s in sources], None, None, on_error="return")
+
+
+def pixels_column(i: int) -> str:
+    """The batch column of the i-th distinct preprocess config: pixels, pixels_1, pixels_2, ..."""
+    return "pixels" if i == 0 else f"pixels_{i}"
+
+
+def decode_configs(preprocess_cfgs: list[dict]) -> list[dict]:
+    """The distinct preprocess configs of a job's models, in member order: each image is decoded
+    once and cut once per distinct input size/preprocessing (pixels_column(i) for the i-th)."""
+    return [c for i, c in enumerate(preprocess_cfgs) if c not in preprocess_cfgs[:i]]
+
+
+def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
+                    storage_options: dict, jpeg_draft: bool = False,
+                    max_pixels: int | None = None, more_cfgs_json: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Ray Data batch -> the same batch with width, height, pixels and error.
+
+    Image-file inputs arrive as {id, source} and are fetched here; shard inputs arrive with their
+    bytes in ``data`` and the reader's ``error`` (see shards.py). Other columns pass through.
+    An ensemble whose models differ in input size passes their other preprocess configs as
+    more_cfgs_json: each image is fetched and decoded once and cut once per config, into
+    ``pixels_1``, ``pixels_2``, ...
+    """
+    cfgs = [preprocess_cfg_json, *more_cfgs_json]
+    n = len(batch["id"])
+    pixels = [np.zeros((n, *_geometric_transform(c)[1], 3), dtype=np.uint8) for c in cfgs]
+    draft_size = _draft_size(cfgs)
+    widths = np.full(n, FAILED_SIZE, dtype=np.int32)
+    heights = np.full(n, FAILED_SIZE, dtype=np.int32)
+    if "data" in batch:
+        contents = batch["data"]
+        errors = np.array([str(e) if e else NO_ERROR for e in batch["error"]], dtype=object)
+    else:
+        contents = fetch_all([str(s) for s in batch["source"]], storage_options)
+        errors = np.full(n, NO_ERROR, dtype=object)
+    for i, data in enumerate(contents):
+        if errors[i] != NO_ERROR:
+            continue
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            img, widths[i], heights[i] = _open(data, jpeg_draft, draft_size, max_pixels)
+            for out, cfg in zip(pixels, cfgs):
+                out[i] = _pixels(img, cfg)
+        except Exception as exc:  # any failure of one image becomes that image's error
+            errors[i] = one_line(exc, 500)
+    passed = {k: v for k, v in batch.items() if k not in ("data", "error")}
+    return {**passed, "width": widths, "height": heights, "error": errors,
+            **{pixels_column(k): p for k, p in enumerate(pixels)}}

@@ -1,0 +1,76 @@
+"""The inference actor: model(s) on its device, normalization and precision there, label columns out.
+
+Ray Data calls it with batches of uint8 pixels from the decode stage; the
+constructor loads the model once per actor. An ensemble's actor holds all its
+models and mixes their probabilities with the members' weights (one pool of such
+actors, not one pool per model). Nothing here imports Ray, so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from clipbatch.model.members import Member
+from clipbatch.model.scoring import Labeling, fixed_size_lists, label_columns, logits, mix
+from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_configs, pixels_column
+
+
+class ClipEncoder:
+    """Callable for ``map_batches``: {id, source, width, height, pixels[, pixels_1...], error} -> output rows.
+
+    members: the job's models, as the text heads were built (logit scale and bias known); heads: each
+    one's text head [C, D]; schema: the output schema (its embedding columns and carried columns);
+    torch_threads: intra-op threads of each call (Ray Data may run several calls at once).
+    """
+
+    def __init__(self, members: list[Member], heads: list[np.ndarray], labeling: Labeling, schema: pa.Schema,
+                 device: str, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.members, self.labeling, self.schema = members, labeling, schema
+        self.models = [m.load(device) for m in members]
+        self.device = self.models[0].device
+        self.heads = [torch.tensor(np.asarray(h), dtype=torch.float32, device=self.device) for h in heads]
+        configs = decode_configs([m.preprocess for m in members])
+        self.pixels = [pixels_column(configs.index(m.preprocess)) if m.preprocess else "pixels" for m in members]
+        self.carried = schema.names[schema.get_field_index("error") + 1:]
+        name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
+        models = ", ".join(f"{m.name} ({loaded.precision})" for m, loaded in zip(members, self.models))
+        print(f"clipbatch encoder on {platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
+              f"{models}, torch threads {torch.get_num_threads()}", flush=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = batch["error"].astype(str)
+        valid = errors == NO_ERROR
+        n = len(errors)
+        embeddings = {m.column: np.zeros((n, h.shape[1]), dtype=np.float32) for m, h in zip(self.members, self.heads)}
+        probs = np.zeros((0, len(self.labeling.classes)), np.float32)
+        if valid.any():
+            member_logits = []
+            for member, model, head, pixels in zip(self.members, self.models, self.heads, self.pixels):
+                emb = model.embed_images(np.ascontiguousarray(batch[pixels][valid]))
+                member_logits.append(logits((emb @ head.T).cpu().numpy(), member))
+                embeddings[member.column][valid] = emb.cpu().numpy()
+            probs = mix(member_logits, self.members, self.labeling.temperature)
+        no_size = ~valid | (batch["width"] == FAILED_SIZE)
+        columns = {
+            "id": pa.array(batch["id"].astype(str), pa.string()),
+            "source": pa.array(batch["source"].astype(str), pa.string()),
+            "width": pa.array(batch["width"], pa.int32(), mask=no_size),
+            "height": pa.array(batch["height"], pa.int32(), mask=no_size),
+            **label_columns(probs, valid, self.labeling),
+        }
+        for name, values in embeddings.items():
+            if name in self.schema.names:
+                value_type = self.schema.field(name).type.value_type
+                columns[name] = fixed_size_lists(values.astype(value_type.to_pandas_dtype()), valid, value_type)
+        columns["error"] = pa.array(errors, pa.string(), mask=valid)
+        for name in self.carried:
+            # A column that is missing everywhere comes back from Ray's Arrow/numpy round trip as NaNs.
+            columns[name] = pa.array([None if v is None or v != v else str(v) for v in batch[name]], pa.string())
+        return pa.Table.from_pydict(columns, schema=self.schema)

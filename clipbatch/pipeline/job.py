@@ -1,0 +1,241 @@
+"""The one place where the stages are wired together with Ray Data.
+
+``build(spec)`` checks everything that can be checked before any work (models,
+prompts, inputs, output) and returns a Job; ``Job.run()`` is Ray's batch-inference
+shape: listing (or shard-reader tasks) -> decode -> encoder actor pool -> Parquet
+sink, each one ``map_batches`` with its state in the constructor, then the output
+is finished (heads, manifest, _SUCCESS).
+
+Fault tolerance is Ray Data's own: its map tasks retry and its pool actors restart
+and retry their batches, so a lost worker or node only redoes batches. Retries
+never duplicate rows because a part's name is the hash of its ids: a repeated
+write replaces the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from clipbatch.errors import UserError
+from clipbatch.model.load import parameter_count
+from clipbatch.model.members import Member, members_of
+from clipbatch.model.prompts import resolve_prompts
+from clipbatch.model.scoring import Labeling
+from clipbatch.model.text_head import build_heads
+from clipbatch.output import resume
+from clipbatch.output.finish import error_count, finish
+from clipbatch.output.layout import OutputDir
+from clipbatch.output.schema import output_metadata, output_schema
+from clipbatch.pipeline.decode import decode_configs, read_and_decode
+from clipbatch.pipeline.encoder import ClipEncoder
+from clipbatch.pipeline.listing import input_format, list_images
+from clipbatch.pipeline.plan import ACTOR_OVERHEAD_BYTES, ComputePlan, plan_for
+from clipbatch.pipeline.progress import ProgressCounter, ProgressReporter
+from clipbatch.pipeline.session import Cluster, cluster_info, init_ray
+from clipbatch.pipeline.shards import carried_name, read_shards
+from clipbatch.pipeline.sink import ParquetPartsDatasink
+from clipbatch.spec import JobSpec, load_spec
+
+ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
+DECODE_BATCH = 32
+DECODE_CPUS = 0.5  # decode tasks beside GPU actors
+
+
+@dataclass
+class RunSummary:
+    output: str
+    rows: int
+    errors: int
+    new_rows: int
+    seconds: float
+    images_per_s: float
+    device: str
+    complete: bool
+    skipped: bool = False
+
+
+class CountingEncoder(ClipEncoder):
+    """The encoder, adding each batch's rows to the job's progress counter (keeps encoder.py free of Ray)."""
+
+    def __init__(self, counter, **kwargs):
+        self.counter = counter
+        super().__init__(**kwargs)
+
+    def __call__(self, batch):
+        table = super().__call__(batch)
+        self.counter.add.remote(table.num_rows, table.num_rows - table["error"].null_count)
+        return table
+
+
+class Job:
+    """A validated job: models checked, prompts resolved, inputs listed; ready to run."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.members = members_of(spec)
+        self.prompts = resolve_prompts(spec.labels, spec.input.storage_options)
+        self.labeling = Labeling.from_spec(spec.labels, self.prompts.names)
+        self.format = input_format(spec.input)
+        self.carried = [carried_name(k) for k in spec.input.keep]  # output columns of input.keep
+        self.listing = list_images(spec.input)
+        self.out = OutputDir(spec.output.path, spec.output.storage_options)
+        self.fingerprint = resume.fingerprint(spec, self.prompts)
+
+    def run(self, stats: bool = False) -> RunSummary:
+        started = time.time()
+        self.out.check_writable()
+        if resume.check(self.out, self.fingerprint, self.spec.output.mode):
+            manifest, rows, errors = self.out.announce_complete(self.listing.num_rows)
+            return RunSummary(self.out.url, rows, errors, 0, time.time() - started, 0.0,
+                              manifest.get("device", "?"), True, skipped=True)
+        todo = resume.pending(self.listing, self.out, self.format)
+        dashboard = init_ray()
+        if dashboard:
+            print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
+        cluster = cluster_info()
+        plan = plan_for(self.spec.compute, cluster, self._actor_bytes())
+        if plan.gpus_per_actor > cluster.gpus:
+            print(f"clipbatch: the cluster has {cluster.gpus:g} GPUs now; encoder actors wait for its "
+                  "autoscaler to add GPU nodes", flush=True)
+        print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} "
+              f"{'images' if self.format == 'images' else 'shards'} to do; {plan.describe()}", flush=True)
+        members, heads = self._text_heads(plan)
+        metadata = output_metadata(members, self.prompts, self.labeling, self.fingerprint)
+        embedding_dtype = self.spec.output.embedding_dtype if self.spec.output.embeddings else None
+        schema = output_schema(len(self.labeling.classes), {m.column: m.embedding_dim for m in members},
+                               embedding_dtype, metadata, self.carried)
+        sink = ParquetPartsDatasink(self.out.url, self.spec.output.storage_options, schema,
+                                    self.spec.output.rows_per_part)
+        began = time.time()
+        if todo.num_rows:
+            counter = _progress_counter()
+            with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
+                dataset = self._dataset(todo, plan, members, heads, schema, counter)
+                dataset.write_datasink(sink)
+            if stats:
+                print(dataset.stats(), flush=True)
+        new_rows = sum(r["rows"] for r in sink.written)
+        summary = self._finish(metadata, members, heads, plan, cluster, new_rows, started)
+        summary.images_per_s = new_rows / max(time.time() - began, 1e-9)
+        return summary
+
+    def _actor_bytes(self) -> int:
+        """One CPU actor's memory: its models' weights and the overhead of a worker with torch."""
+        return ACTOR_OVERHEAD_BYTES + sum(parameter_count(m.name) * (2 if m.precision in ("fp16", "bf16") else 4)
+                                          for m in self.members)
+
+    def _text_heads(self, plan: ComputePlan) -> tuple[list[Member], list]:
+        """Built once per job: in the driver for CPU jobs, in a task placed like an encoder for GPU ones
+        (the driver may run where there is no GPU)."""
+        if plan.device == "cpu":
+            return build_heads(self.members, self.prompts.prompts, "cpu")
+        task = ray.remote(build_heads).options(num_cpus=1, num_gpus=plan.gpus_per_actor)
+        try:
+            return ray.get(task.remote(self.members, self.prompts.prompts, plan.device))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):
+                raise UserError(str(exc.cause)) from None
+            raise
+
+    def _dataset(self, todo: pa.Table, plan: ComputePlan, members: list[Member], heads: list, schema: pa.Schema,
+                 counter) -> ray.data.Dataset:
+        inputs = self.spec.input
+        # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
+        stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
+        if self.format == "images":
+            rows = ray.data.from_blocks([todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)])
+        else:  # one shard per block and per reader task
+            rows = ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
+                read_shards, batch_size=1, num_cpus=stage_cpus,
+                fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
+                           "image_column": inputs.image_column, "id_column": inputs.id_column,
+                           "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
+        configs = [json.dumps(c) for c in decode_configs([m.preprocess for m in members])]
+        lanes = {"max_concurrent_calls_per_actor": plan.concurrent_batches, "enable_true_multi_threading": True} \
+            if plan.concurrent_batches > 1 else {}
+        return (rows
+                .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=stage_cpus,
+                             fn_kwargs={"preprocess_cfg_json": configs[0], "more_cfgs_json": tuple(configs[1:]),
+                                        "storage_options": inputs.storage_options, "jpeg_draft": inputs.jpeg_draft,
+                                        "max_pixels": inputs.max_pixels})
+                .map_batches(CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
+                             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
+                                                                **lanes),
+                             num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
+                             fn_constructor_kwargs={"counter": counter, "members": members, "heads": heads,
+                                                    "labeling": self.labeling, "schema": schema,
+                                                    "device": plan.device, "torch_threads": plan.torch_threads}))
+
+    def _finish(self, metadata: dict, members: list[Member], heads: list, plan: ComputePlan, cluster: Cluster,
+                new_rows: int, started: float) -> RunSummary:
+        written = self.out.written_rows()
+        ids = written["id"].combine_chunks()
+        unique = pc.count_distinct(ids).as_py() if len(ids) else 0
+        if self.format == "images":
+            expected = self.listing.num_rows
+            complete = len(ids) == unique == expected and pc.all(pc.is_in(self.listing["id"], value_set=ids)).as_py()
+        else:  # every shard was read to its end (or its damage recorded) and no row is there twice
+            expected = len(ids)
+            sources = written["source"].combine_chunks()
+            complete = len(ids) == unique and pc.all(pc.is_in(self.listing["source"], value_set=sources)).as_py()
+        errors = error_count(written)
+        seconds = time.time() - started
+        counts = {"inputs": expected, "rows": len(ids), "errors": errors, "new_rows": new_rows,
+                  **({} if self.format == "images" else {"shards": self.listing.num_rows})}
+        inputs = self.spec.input
+        fields = {"name": self.spec.name, "input": _json_safe(inputs.path), "device": plan.device,
+                  "compute": asdict(plan), "ray": asdict(cluster), "counts": counts, "format": self.format,
+                  **({"input_columns": {"image_column": inputs.image_column, "id_column": inputs.id_column}}
+                     if self.format == "parquet" else {}),
+                  "timings": {"total_s": round(seconds, 3)}}
+        finish(self.out, metadata, {m.column: h for m, h in zip(members, heads)}, fields, complete)
+        return RunSummary(self.out.url, len(ids), errors, new_rows, seconds, 0.0, plan.device, complete)
+
+    def describe(self, sample: int = 5) -> str:
+        """What `validate` and `run` print before any work: inputs, classes, templates, models, output."""
+        s, n = self.spec, self.listing.num_rows
+        sources = self.listing.column("source").slice(0, sample).to_pylist()
+        total_weight = sum(m.weight for m in self.members)
+        prompts = self.prompts
+        custom = f"; {len(prompts.custom)} class(es) with synonyms or own prompts" if prompts.custom else ""
+        lines = [f"job        {s.name}",
+                 f"images     {n:,} found in {s.input.path}" if self.format == "images" else
+                 f"shards     {n:,} {self.format} shards found in {s.input.path}",
+                 *[f"           {i}" for i in sources],
+                 *(["           ..."] if n > sample else []),
+                 f"classes    {len(prompts.names)}: {', '.join(prompts.names[:10])}"
+                 f"{' ...' if len(prompts.names) > 10 else ''}",
+                 f"templates  {len(prompts.templates)} ({prompts.templates_name}): "
+                 f"{prompts.templates[0]!r}{' ...' if len(prompts.templates) > 1 else ''}{custom}"]
+        for i, m in enumerate(self.members):
+            mixed = f", weight {m.weight / total_weight:.3g} -> {m.column}" if s.ensemble else ""
+            lines.append(f"{'model' if i == 0 else '':<11}{m.name}{' pretrained=' + m.pretrained if m.pretrained else ''}"
+                         f", precision {m.precision}{mixed}")
+        lines.append(f"device     {s.compute.device} (auto: GPU actors where Ray reports GPUs, else CPU)"
+                     if s.compute.device == "auto" else f"device     {s.compute.device}")
+        lines.append(f"output     {self.out.url} (mode {s.output.mode})")
+        return "\n".join(lines)
+
+
+def _progress_counter():
+    """The job's counter actor, on the driver's node: losing a worker node never loses the count."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
+
+
+def _json_safe(value):
+    return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def build(spec_or_path, overrides: dict | None = None) -> Job:
+    """The one entry point: a spec (path, dict or JobSpec) -> a validated Job."""
+    spec = spec_or_path if isinstance(spec_or_path, JobSpec) and not overrides else \
+        load_spec(spec_or_path, overrides)
+    return Job(spec)

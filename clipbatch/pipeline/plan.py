@@ -1,0 +1,95 @@
+"""The compute plan: what a job asks Ray for, a pure function of the spec's compute section and the cluster.
+
+GPU clusters get one encoder actor per GPU (or per ``gpus_per_actor``) fed by
+decode tasks. CPU clusters get one encoder actor per node that decodes its own
+batches (Ray Data fuses the stages) and runs one batch per core at once, each at
+one torch thread, leaving one CPU of each node to the Parquet write tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from clipbatch.errors import UserError
+from clipbatch.pipeline.session import Cluster
+from clipbatch.spec import ComputeSpec
+
+MAX_CONCURRENT_BATCHES = 8  # per CPU actor: beyond this, more threads only contend for the GIL
+MAX_CPU_ACTORS_PER_NODE = 8  # with an explicit compute.cpus_per_actor
+# Besides its weights a CPU actor holds torch, a batch's activations and Arrow buffers.
+ACTOR_OVERHEAD_BYTES = 2**30
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    device: str
+    gpus_per_actor: float
+    cpus_per_actor: float
+    min_actors: int
+    max_actors: int
+    batch_size: int
+    torch_threads: int        # intra-op threads of each batch an actor runs
+    concurrent_batches: int   # batches an actor runs at once, each in a thread of its own
+
+    @property
+    def decode_in_actors(self) -> bool:
+        """CPU actors decode their own batches; GPU actors are fed by decode tasks on the node's CPUs."""
+        return self.gpus_per_actor == 0
+
+    def describe(self) -> str:
+        actors = f"{self.min_actors}" + ("" if self.min_actors == self.max_actors else f"-{self.max_actors}")
+        lanes = f", {self.concurrent_batches} batches at once" if self.concurrent_batches > 1 else ""
+        return (f"device {self.device}, {actors} encoder actor(s), {self.gpus_per_actor:g} GPU and "
+                f"{self.cpus_per_actor:g} CPU each, batch {self.batch_size}{lanes}")
+
+
+def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OVERHEAD_BYTES) -> ComputePlan:
+    """actor_bytes: one CPU actor's memory estimate, which bounds how many actors an explicit
+    cpus_per_actor puts on a node."""
+    gpus = _gpus_per_actor(compute, cluster)
+    device = ("cuda" if gpus > 0 else "cpu") if compute.device == "auto" else compute.device
+    batch = compute.batch_size if compute.batch_size != "auto" else (256 if device == "cuda" else 32)
+    spare = max(0.0, cluster.cpus / cluster.nodes - 1)  # one CPU of each node for the write tasks
+    low, high = _actors(compute, cluster, gpus, spare, actor_bytes)
+    per_node = math.ceil(high / cluster.nodes)
+    if compute.cpus_per_actor != "auto":
+        cpus = float(compute.cpus_per_actor)
+    else:
+        cpus = spare / per_node if gpus == 0 and spare > 0 else 1.0
+    threads, lanes = max(1, math.ceil(cpus)), 1
+    if device == "cpu":
+        # Ray pins an actor to as many threads as CPUs it reserved; a CPU actor's threads are the
+        # node's cores shared by its actors, run as concurrent batches of one torch thread each.
+        threads = max(threads, math.floor(cluster.cpus / cluster.nodes / per_node))
+        lanes = max(1, min(threads, MAX_CONCURRENT_BATCHES)) if gpus == 0 else 1
+    return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes)
+
+
+def _gpus_per_actor(compute: ComputeSpec, cluster: Cluster) -> float:
+    if compute.gpus_per_actor == "auto":
+        gpus = 1.0 if cluster.gpus >= 1 and compute.device != "cpu" else 0.0
+    else:
+        gpus = float(compute.gpus_per_actor)
+    if gpus > cluster.gpus and not cluster.can_grow:
+        raise UserError(f"compute.gpus_per_actor is {gpus} but the Ray cluster reports {cluster.gpus:g} GPUs")
+    if compute.device == "cuda" and gpus == 0:
+        raise UserError("compute.device is cuda but no GPU is requested (the Ray cluster reports no GPUs)")
+    return gpus
+
+
+def _actors(compute: ComputeSpec, cluster: Cluster, gpus: float, spare: float, actor_bytes: int) -> tuple[int, int]:
+    """(min, max) encoder actors: one per GPU, or per CPU node, or as many as an explicit
+    cpus_per_actor leaves room (and memory) for."""
+    if isinstance(compute.actors, int):
+        return compute.actors, compute.actors
+    if compute.actors != "auto":
+        return tuple(compute.actors)
+    if gpus > 0:
+        n = max(1, math.floor(cluster.gpus / gpus))
+        return n, n
+    fit = 1 if compute.cpus_per_actor == "auto" else \
+        int(min(math.floor(spare / compute.cpus_per_actor + 1e-9), cluster.memory / cluster.nodes // actor_bytes,
+                MAX_CPU_ACTORS_PER_NODE))
+    n = max(1, cluster.nodes * fit)
+    return n, n

@@ -1,0 +1,99 @@
+"""Progress while work runs: rows done / total, rows/s and ETA.
+
+A driver thread asks ``read()`` for (rows, errors) so far (in a job, encoder
+actors add to a tiny counter actor; relabel counts in its own process) and
+prints one updating line on a terminal, or a line every ``interval`` seconds
+into a log. Nothing here imports Ray: the job makes the counter an actor.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Callable
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_progress(done: int, total: int, errors: int, elapsed: float, rate: float, unit: str = "images") -> str:
+    pct = 100.0 * done / total if total else 100.0
+    eta = _duration((total - done) / rate) if rate > 0 else "?"
+    per_s = "img/s" if unit == "images" else f"{unit}/s"
+    return (f"clipbatch: {done:,}/{total:,} {unit} ({pct:.1f}%), {rate:,.1f} {per_s}, ETA {eta}, "
+            f"{errors:,} errors, {_duration(elapsed)} elapsed")
+
+
+class ProgressCounter:
+    """Rows done so far: in a job a Ray actor (no CPU of its own) that every encoder adds to,
+    in relabel a plain object in the driver."""
+
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+
+    def add(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+
+    def read(self) -> tuple[int, int]:
+        return self.rows, self.errors
+
+
+class ProgressReporter:
+    """Context manager: prints progress from read() -> (rows, errors) until the block ends."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]], total: int, interval: float | None = None,
+                 stream=None, unit: str = "images"):
+        self.read, self.total, self.unit = read, total, unit
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = interval if interval is not None else (1.0 if self.tty else 15.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.time()
+        self.first: tuple[float, int] | None = None  # (time, rows) when rows were first seen
+
+    def _line(self) -> str:
+        done, errors = self.read()
+        # Batches that Ray ran again (their node was lost) are counted again: never show more than the total.
+        done, errors = min(done, self.total), min(errors, self.total)
+        now = time.time()
+        if done and self.first is None:
+            self.first = (now, done)
+        # The rate counts from the first finished batch, so model loading does not skew the ETA.
+        if self.first and done > self.first[1]:
+            rate = (done - self.first[1]) / (now - self.first[0])
+        else:
+            rate = done / (now - self.started) if done else 0.0
+        return format_progress(done, self.total, errors, now - self.started, rate, self.unit)
+
+    def _print(self, final: bool = False) -> None:
+        """One progress line: rewritten in place on a terminal, appended in a log."""
+        try:
+            line = self._line()
+        except Exception:  # progress must never break a job
+            return
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._print()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._print(final=True)
