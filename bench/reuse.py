@@ -39,9 +39,10 @@ def make_output(folder: Path, rows: int, dim: int, model: str) -> Path:
     """A complete clipbatch output with random unit embeddings (reused when already there)."""
     import pyarrow as pa
 
-    from clipbatch.labels import class_probabilities, label_columns
-    from clipbatch.outputs import SUCCESS, OutputDir, write_part
-    from clipbatch.schema import fixed_size_lists, output_schema
+    from clipbatch.model.members import Member
+    from clipbatch.model.scoring import Labeling, fixed_size_lists, label_columns, logits, probabilities
+    from clipbatch.output.layout import SUCCESS, OutputDir, write_part
+    from clipbatch.output.schema import output_schema
 
     out = OutputDir(str(folder), {})
     if out.exists(SUCCESS) and json.loads(out.fs.cat_file(out.join("_manifest.json")))["counts"]["rows"] == rows:
@@ -50,12 +51,12 @@ def make_output(folder: Path, rows: int, dim: int, model: str) -> Path:
     out.clear()
     import torch
 
-    metadata = {"model": model, "pretrained": None, "classes": BENCH_CLASSES, "templates": ["a photo of a {}."],
-                "fingerprint": {"model": model}, "preprocess_cfg": {}}
+    member = Member(model, logit_scale=100.0, embedding_dim=dim, preprocess={})
+    metadata = {"models": [member.metadata()], "classes": BENCH_CLASSES, "templates": ["a photo of a {}."],
+                "fingerprint": {"model": model}}
     schema = output_schema(len(BENCH_CLASSES), {"embedding": dim}, "float16", metadata)
     rng = np.random.default_rng(0)
     head = torch.nn.functional.normalize(torch.randn(len(BENCH_CLASSES), dim), dim=-1)
-    classes = pa.array(BENCH_CLASSES)
     for start in range(0, rows, ROWS_PER_PART):
         n = min(ROWS_PER_PART, rows - start)
         emb = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((n, dim), dtype=np.float32)), dim=-1)
@@ -64,7 +65,8 @@ def make_output(folder: Path, rows: int, dim: int, model: str) -> Path:
         table = pa.Table.from_pydict({
             "id": pa.array(ids), "source": pa.array([f"/data/{i}" for i in ids]),
             "width": pa.array(np.full(n, 640, np.int32)), "height": pa.array(np.full(n, 480, np.int32)),
-            **label_columns(class_probabilities(emb @ head.T, 100.0, None), valid, classes, 5),
+            **label_columns(probabilities(logits((emb @ head.T).numpy(), member), False), valid,
+                            Labeling(BENCH_CLASSES)),
             "embedding": fixed_size_lists(emb.numpy().astype(np.float16), valid, pa.float16()),
             "error": pa.nulls(n, pa.string())}, schema=schema)
         write_part(out, table, f"part-{start // ROWS_PER_PART:06d}.parquet")
@@ -120,9 +122,9 @@ result = {'rows_per_s': best}
 
 SEARCH = """
 import numpy as np
-from clipbatch.search import search
-from clipbatch.stored import StoredOutput
-stored = StoredOutput(%(folder)r)
+from clipbatch.commands.search import search
+from clipbatch.output.reader import OutputReader
+stored = OutputReader(%(folder)r)
 rng = np.random.default_rng(1)
 q = rng.standard_normal(%(dim)d).astype(np.float32); q /= np.linalg.norm(q)
 t = time.perf_counter(); search(stored, q, k=10); cold = time.perf_counter() - t
@@ -134,7 +136,7 @@ result = {'cold_rows_per_s': %(rows)d / cold, 'rows_per_s': %(rows)d / warm,
 """
 
 RELABEL = """
-from clipbatch.relabel import Relabel
+from clipbatch.commands.relabel import Relabel
 job = Relabel(%(folder)r, %(target)r, classes=[f'thing {i}' for i in range(100)], templates=['a photo of a {}.'])
 summary = job.run()
 manifest = json.load(open(%(target)r + '/_manifest.json'))

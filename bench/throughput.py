@@ -52,7 +52,7 @@ def load(model: str, pretrained: str | None):
     import open_clip
     import torch
 
-    from clipbatch.models import resolve_model_name
+    from clipbatch.model.load import resolve_model_name
 
     torch.manual_seed(0)
     model = resolve_model_name(model)
@@ -71,7 +71,7 @@ def random_weights_checkpoint(model: str, work: Path) -> str:
     Why: a real job loads its weights from a checkpoint, and every mode here then loads them the way
     open_clip's factory does. Built without one, each process would initialize them randomly, work
     that no real job does (clipbatch skips that init when a checkpoint overwrites it)."""
-    from clipbatch.models import resolve_model_name, save_local_dir
+    from clipbatch.model.load import resolve_model_name, save_local_dir
 
     if resolve_model_name(model).startswith(("local-dir:", "hf-hub:")):  # clipbatch-demo is a local-dir
         return model
@@ -249,7 +249,7 @@ def floor_worker(n: int, block_rows: int, batch_size: int, rows_per_part: int, o
 
 def model_start_worker(model: str, pretrained: str | None) -> None:
     """(f) What an encoder process does before its first batch besides Ray: torch, open_clip, the model."""
-    from clipbatch.models import load_model
+    from clipbatch.model.load import load_model
 
     load_model(model, pretrained, device=DEVICE)
 
@@ -266,10 +266,10 @@ def _timed_process(*args: str) -> float:
 
 def floor(args, n: int, batch_size: int, work: Path) -> dict:
     """(f) Ray's floor for n rows in (d)'s blocks and batches, and the model's start, each in a fresh process."""
-    from clipbatch.config import OutputSpec
-    from clipbatch.pipeline import listing_rows_per_block
+    from clipbatch.pipeline.job import ROWS_PER_BLOCK
+    from clipbatch.spec import OutputSpec
 
-    block_rows = listing_rows_per_block(DEVICE == "cpu", batch_size)  # CPU: decode in the actors
+    block_rows = ROWS_PER_BLOCK
     rows_per_part = OutputSpec.model_fields["rows_per_part"].default  # (d) runs with the default
     ray_s = _timed_process("--floor-worker", str(n), "--block-rows", str(block_rows), "--batch", str(batch_size),
                            "--rows-per-part", str(rows_per_part),
@@ -408,15 +408,6 @@ def compare(args, work: Path) -> dict:
         rate = statistics.median(r["d_clipbatch"]["img_per_s"] for r in rounds)
         nearest = min((r["d_clipbatch"] for r in rounds), key=lambda d: abs(d["img_per_s"] - rate))
         record["d_clipbatch"] = {**nearest, "img_per_s": rate}
-        steady = [r["d_clipbatch"]["timings"].get("steady_img_per_s") for r in rounds]
-        if all(steady) and "c_forward" in record:
-            record["steady_d/c"] = statistics.median(steady) / record["c_forward"]
-            shares = [f"{record['steady_d/c']:.2f} of (c)"]
-            if "c1_forward_per_core" in record:
-                record["steady_d/c1"] = statistics.median(steady) / record["c1_forward_per_core"]
-                shares.append(f"{record['steady_d/c1']:.2f} of (c1)")
-            print(f"(d) once running: {statistics.median(steady):.2f} img/s from its first batch to its last = "
-                  f"{', '.join(shares)} (what a long job runs at)", flush=True)
         floors = [r["f_floor"] for r in rounds if "f_floor" in r]
         ceiling = record.get("c1_forward_per_core") or record.get("c_forward")
         if floors and ceiling:
@@ -518,7 +509,7 @@ def listing(args, work: Path) -> dict:
     with open(uris, "w") as f:
         for i in range(args.listing):
             f.write(f"s3://bench-bucket/shard{i // 10000:04d}/img{i:08d}.jpg\n")
-    code = ("import time, resource, clipbatch.pipeline as p; t = time.time(); "
+    code = ("import time, resource, clipbatch.pipeline.job as p; t = time.time(); "
             f"job = p.build({{'input': {{'path': '{uris}'}}, 'model': {{'name': 'ViT-B-32'}}, "
             f"'labels': {{'classes': ['a']}}, 'output': {{'path': '{work / 'plan-out'}'}}}}); "
             "print(job.listing.num_rows, time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -114,3 +117,44 @@ def s3_library_run(s3, pets_bucket, tiny_model, ray_local):
     import clipbatch
 
     return clipbatch.run(s3_library_spec(s3, tiny_model))
+
+
+def broken_files(good_jpeg: bytes) -> dict[str, bytes]:
+    """More files that must each become one error row: a PDF named .webp, a PNG cut short, random
+    bytes, a format Pillow cannot read, and a decompression bomb (over the tests' max_pixels)."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(png, format="PNG")
+    bomb = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(bomb, format="PNG")  # 16M pixels, a few KB of PNG
+    rng = np.random.default_rng(7)
+    return {"document.webp": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF\n",
+            "cut.png": png.getvalue()[: len(png.getvalue()) // 2],
+            "random.jpg": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+            "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + zlib.compress(b"x" * 100),
+            "bomb.png": bomb.getvalue()}
+
+
+@pytest.fixture(scope="session")
+def broken_images(images, tmp_path_factory):
+    """The mixed images plus files that cannot be decoded."""
+    folder = tmp_path_factory.mktemp("broken")
+    shutil.copytree(images, folder, dirs_exist_ok=True)
+    good = next(images.rglob("*.jpg")).read_bytes()
+    (folder / "bad").mkdir()
+    (folder / "bad" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "bad" / "empty.png").write_bytes(b"")
+    (folder / "bad" / "text.jpg").write_bytes(b"this is not an image at all")
+    (folder / "bad" / "noise.webp").write_bytes(bytes(range(256)) * 8)
+    (folder / "bad" / "name with [brackets] & spaces.jpg").write_bytes(good)
+    for name, data in broken_files(good).items():
+        (folder / "bad" / name).write_bytes(data)
+    return folder
+
+
+def broken_spec(images, model, out, **sections):
+    return spec_dict(images, model, out, input={"max_pixels": 10_000_000}, **sections)

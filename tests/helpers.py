@@ -31,7 +31,7 @@ def make_tiny_model(folder: Path, seed: int = 0, siglip: bool = False, vision_cf
         model.text_projection.mul_(8.0)
         if not siglip:
             model.logit_scale.fill_(float(np.log(30.0)))
-    from clipbatch.models import save_local_dir
+    from clipbatch.model.load import save_local_dir
     pre = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
            "interpolation": "bicubic", "resize_mode": "shortest"}
     return save_local_dir(model, cfg, folder, pre)

@@ -17,12 +17,11 @@ import torch
 
 import clipbatch
 from clipbatch.cli import main as cli_main
-from clipbatch.config import SpecError
-from clipbatch.relabel import Relabel
-from clipbatch.schema import read_metadata
-from conftest import s3_library_spec, spec_dict
+from clipbatch.errors import UserError
+from clipbatch.commands.relabel import Relabel
+from clipbatch.output.schema import read_metadata
+from conftest import broken_spec, s3_library_spec, spec_dict
 from helpers import chromium_dom
-from test_output import broken_images, broken_spec  # noqa: F401 (broken_images is a fixture)
 
 NEW_CLASSES = ["bicycle", "mountain", "pattern", "stripes"]
 NEW_TEMPLATES = ["a photo of {}.", "an image showing {}."]
@@ -101,7 +100,7 @@ def test_relabel_equals_direct_computation_and_keeps_the_rest(fp32_output, tiny_
     assert (out / "_SUCCESS").exists() and lost.exists()
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p != lost} == kept
     assert read_sorted(out).equals(after)
-    with pytest.raises(SpecError, match="already holds other results"):
+    with pytest.raises(UserError, match="already holds other results"):
         Relabel(str(fp32_output), str(out), classes=["x", "y"]).run()
 
 
@@ -139,16 +138,16 @@ def test_min_score_nulls_the_label_but_keeps_the_scores(fp32_output, tmp_path):
 def test_relabel_refusals(fp32_output, images, tiny_model, tmp_path, ray_local, capsys):
     no_embeddings = tmp_path / "no-emb"
     assert clipbatch.run(spec_dict(images, tiny_model, no_embeddings, output={"embeddings": False})).complete
-    with pytest.raises(SpecError, match="holds no embeddings"):
+    with pytest.raises(UserError, match="holds no embeddings"):
         Relabel(str(no_embeddings), str(tmp_path / "x"), classes=NEW_CLASSES)
     assert cli_main(["relabel", str(no_embeddings), "--class", "a", "--out", str(tmp_path / "y")]) == 2
     assert "holds no embeddings" in capsys.readouterr().err
 
-    with pytest.raises(SpecError, match="no clipbatch output"):
+    with pytest.raises(UserError, match="no clipbatch output"):
         Relabel(str(tmp_path / "nothing"), str(tmp_path / "x"), classes=NEW_CLASSES)
-    with pytest.raises(SpecError, match="duplicates"):
+    with pytest.raises(UserError, match="duplicates"):
         Relabel(str(fp32_output), str(tmp_path / "x"), classes=["a", "a"])
-    with pytest.raises(SpecError, match="new output path"):
+    with pytest.raises(UserError, match="new output path"):
         Relabel(str(fp32_output), str(fp32_output), classes=NEW_CLASSES)
 
     # An output whose model is gone: copy a finished output, then point its metadata at a missing folder.
@@ -157,7 +156,7 @@ def test_relabel_refusals(fp32_output, images, tiny_model, tmp_path, ray_local, 
     shutil.copytree(tiny_model.removeprefix("local-dir:"), model_dir)
     assert clipbatch.run(spec_dict(images, f"local-dir:{model_dir}", moved)).complete
     shutil.rmtree(model_dir)
-    with pytest.raises(SpecError, match="cannot load the model that made"):
+    with pytest.raises(UserError, match="cannot load the model that made"):
         Relabel(str(moved), str(tmp_path / "z"), classes=NEW_CLASSES).run()
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipbatch.config import load_spec
-from clipbatch.submit import ClusterError, _runs_here, connect, place_paths
+from clipbatch.spec import load_spec
+from clipbatch.commands.submit import ClusterError, _runs_here, connect, place_paths
 from conftest import spec_dict
 
 VENV_BIN = str(Path(sys.executable).parent)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -217,8 +217,8 @@ def test_local_paths_and_a_remote_cluster(tmp_path, tiny_model):
 def test_tokens_are_masked(tmp_path, monkeypatch):
     """A token read from a file is masked from then on, like one in the environment; so is any
     bearer header a library echoes."""
-    from clipbatch.secrets import redact
-    from clipbatch.submit import find_token
+    from clipbatch.errors import redact
+    from clipbatch.commands.submit import find_token
 
     token = "tok-" + secrets.token_hex(8)
     (tmp_path / "token").write_text(token + "\n")

@@ -108,7 +108,7 @@ def test_parquet_end_to_end(tmp_path, images, tiny_model, ray_local):
 
 def assert_thumbnails_read_back(rows: dict, manifest: dict) -> None:
     """Gallery pages (search --html) find every decodable row's image inside its shard again."""
-    from clipbatch.gallery import thumbnails
+    from clipbatch.commands.gallery import thumbnails
 
     found = thumbnails(list(rows.values()), manifest)
     assert set(found) == set(rows)

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from clipbatch.metrics import (calibration_bins, classification_report, confusion_matrix,
-                               expected_calibration_error, fit_temperature, mean_per_class_recall,
-                               negative_log_likelihood, per_class, probabilities, top_k_accuracy)
+from clipbatch.commands.metrics import (calibration_bins, classification_report, confusion_matrix,
+                                        expected_calibration_error, fit_temperature, mean_per_class_recall,
+                                        negative_log_likelihood, per_class, top_k_accuracy)
+from clipbatch.model.scoring import probabilities
 
 CLASSES = ["a", "b", "c"]
 TRUTH = np.array([0, 0, 1, 1, 2])

@@ -6,56 +6,14 @@ import json
 import shutil
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import clipbatch
-from clipbatch.config import SpecError
-from clipbatch.schema import read_metadata
-from conftest import CLASSES, spec_dict
-
-
-def broken_files(good_jpeg: bytes) -> dict[str, bytes]:
-    """More files that must each become one error row: a PDF named .webp, a PNG cut short, random
-    bytes, a format Pillow cannot read, and a decompression bomb (over the tests' max_pixels)."""
-    import io
-    import zlib
-
-    from PIL import Image
-
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(png, format="PNG")
-    bomb = io.BytesIO()
-    Image.new("L", (4000, 4000)).save(bomb, format="PNG")  # 16M pixels, a few KB of PNG
-    rng = np.random.default_rng(7)
-    return {"document.webp": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF\n",
-            "cut.png": png.getvalue()[: len(png.getvalue()) // 2],
-            "random.jpg": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
-            "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + zlib.compress(b"x" * 100),
-            "bomb.png": bomb.getvalue()}
-
-
-@pytest.fixture(scope="module")
-def broken_images(images, tmp_path_factory):
-    """The mixed images plus files that cannot be decoded."""
-    folder = tmp_path_factory.mktemp("broken")
-    shutil.copytree(images, folder, dirs_exist_ok=True)
-    good = next(images.rglob("*.jpg")).read_bytes()
-    (folder / "bad").mkdir()
-    (folder / "bad" / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    (folder / "bad" / "empty.png").write_bytes(b"")
-    (folder / "bad" / "text.jpg").write_bytes(b"this is not an image at all")
-    (folder / "bad" / "noise.webp").write_bytes(bytes(range(256)) * 8)
-    (folder / "bad" / "name with [brackets] & spaces.jpg").write_bytes(good)
-    for name, data in broken_files(good).items():
-        (folder / "bad" / name).write_bytes(data)
-    return folder
-
-
-def broken_spec(images, model, out, **sections):
-    return spec_dict(images, model, out, input={"max_pixels": 10_000_000}, **sections)
+from clipbatch.errors import UserError
+from clipbatch.output.schema import read_metadata
+from conftest import CLASSES, broken_spec
 
 
 @pytest.fixture(scope="module")
@@ -73,52 +31,13 @@ def test_summary_and_files(finished):
     assert not [n for n in names if n.endswith(".tmp")]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["counts"] == {"inputs": 34, "rows": 34, "errors": 9, "new_rows": 34}
-    assert manifest["classes"] == CLASSES and manifest["model"].startswith("local-dir:")
-    assert manifest["logit_scale"] == pytest.approx(30.0, rel=1e-4) and manifest["clipbatch_version"]
-    # 2 CPUs, 2 batches: one actor running both at once, one lane (thread) each
-    assert (manifest["compute"]["max_actors"], manifest["compute"]["lanes"]) == (1, 2)
-    timings = manifest["timings"]
-    assert {"listing_s", "ray_start_s", "text_head_s", "inference_s", "first_batch_s", "total_s"} <= set(timings)
-    assert 0 < timings["first_batch_s"] <= timings["total_s"]
-
-
-def test_steady_rate_counts_from_the_first_batch(monkeypatch):
-    """The rate a long job runs at: rows after the first batch over the time since it, and none
-    from too few batches."""
-    import clipbatch.progress as progress
-
-    clock = iter([100.0, 110.0, 111.0, 112.0, 113.0])
-    counter = progress.ProgressCounter()
-    with monkeypatch.context() as patched:  # the clock is fake only while the counter reads it
-        patched.setattr(progress.time, "time", lambda: next(clock))
-        for _ in range(4):
-            counter.add(32, 1)
-    assert counter.steady_rate() == (100.0, 0.0)
-    with monkeypatch.context() as patched:
-        patched.setattr(progress.time, "time", lambda: next(clock))
-        counter.add(32, 0)  # 5 batches: 128 rows after the first, in 13 s
-    assert counter.read() == (160, 4) and counter.steady_rate() == (100.0, pytest.approx(128 / 13))
-
-
-def test_job_counter_hands_the_drivers_text_heads_to_the_encoders(ray_local):
-    """The encoders get the counter's refs before the driver has built the text heads; the refs
-    resolve when the heads are handed over, or raise why the driver could not build them."""
-    import ray
-
-    from clipbatch.progress import JobCounter
-
-    counter = ray.remote(num_cpus=0)(JobCounter).remote()
-    prepared, schema = counter.text_heads.options(num_returns=2).remote()
-    assert ray.get(counter.add.remote(32, 1)) is None and ray.get(counter.read.remote()) == (32, 1)
-    assert ray.wait([prepared, schema], num_returns=2, timeout=1.0)[0] == []  # nothing handed over yet
-    counter.hand_over.remote({"heads": ["head"]}, "schema")
-    assert ray.get([prepared, schema], timeout=30) == [{"heads": ["head"]}, "schema"]
-
-    failed = ray.remote(num_cpus=0)(JobCounter).remote()
-    prepared, _ = failed.text_heads.options(num_returns=2).remote()
-    failed.hand_over.remote(None, None, "the text head failed in the driver: OSError('gone')")
-    with pytest.raises(ray.exceptions.RayTaskError, match="the text head failed in the driver"):
-        ray.get(prepared, timeout=30)
+    (model,) = manifest["models"]  # one model: a list of one
+    assert manifest["classes"] == CLASSES and model["model"].startswith("local-dir:") and manifest["clipbatch_version"]
+    assert model["logit_scale"] == pytest.approx(30.0, rel=1e-4) and model["embedding_column"] == "embedding"
+    assert (model["precision"], model["weight"], model["embedding_dim"]) == ("fp32", 1.0, 64)
+    # 2 CPUs: one actor running two batches at once, one thread each
+    assert (manifest["compute"]["max_actors"], manifest["compute"]["concurrent_batches"]) == (1, 2)
+    assert set(manifest["timings"]) == {"total_s"} and manifest["timings"]["total_s"] > 0
 
 
 def test_progress_never_shows_more_than_the_total():
@@ -126,7 +45,7 @@ def test_progress_never_shows_more_than_the_total():
     multi-node test); the line a user reads stops at the total."""
     import io
 
-    from clipbatch.progress import ProgressReporter
+    from clipbatch.pipeline.progress import ProgressReporter
 
     log = io.StringIO()
     with ProgressReporter(lambda: (2016, 2010), 2000, interval=60, stream=log):
@@ -158,6 +77,7 @@ def test_schema_and_metadata(finished):
     assert schema.field("width").type == pa.int32()
     meta = read_metadata(schema)
     assert meta["classes"] == CLASSES and meta["templates"] == ["a photo of a {}.", "a drawing of a {}."]
+    assert [m["embedding_column"] for m in meta["models"]] == ["embedding"] and "fingerprint" in meta
     column_encodings = {}
     rg = pq.ParquetFile(parts[0]).metadata.row_group(0)
     for i in range(rg.num_columns):
@@ -217,7 +137,7 @@ def test_resume_refuses_different_classes(finished, broken_images, tiny_model, t
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)
     (mixed / "_SUCCESS").unlink()
-    with pytest.raises(SpecError, match="different classes"):
+    with pytest.raises(UserError, match="different classes"):
         clipbatch.run(broken_spec(broken_images, tiny_model, mixed, labels={"classes": ["x", "y"], "top_k": 3}))
 
 
@@ -225,7 +145,7 @@ def test_mode_error_and_overwrite(finished, broken_images, tiny_model, tmp_path)
     out, _ = finished
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    with pytest.raises(SpecError, match="already holds output"):
+    with pytest.raises(UserError, match="already holds output"):
         clipbatch.run(broken_spec(broken_images, tiny_model, copy, output={"mode": "error"}))
     summary = clipbatch.run(broken_spec(broken_images, tiny_model, copy, output={"mode": "overwrite"},
                                       labels={"classes": ["x", "y"]}))

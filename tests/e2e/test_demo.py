@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipbatch.demo import world
+from clipbatch.commands import demo_world as world
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_world_is_seeded_and_held_out_is_spread():
@@ -51,7 +51,7 @@ def test_train_smoke_writes_loadable_model(tmp_path):
 
 
 def test_packaged_model_loads_by_short_name_and_path():
-    from clipbatch.models import DEMO_MODEL_DIR, load_model
+    from clipbatch.model.load import DEMO_MODEL_DIR, load_model
 
     assert (DEMO_MODEL_DIR / "open_clip_config.json").is_file()
     size = sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir() if f.is_file())
@@ -69,7 +69,7 @@ def test_packaged_model_loads_by_short_name_and_path():
 def test_demo_end_to_end(tmp_path, monkeypatch):
     import ray
 
-    from clipbatch.demo.command import run_demo
+    from clipbatch.commands.demo import run_demo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ours = not ray.is_initialized()  # leave a session-wide Ray from other tests running

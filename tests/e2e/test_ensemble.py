@@ -13,10 +13,11 @@ from PIL import Image
 
 import clipbatch
 from clipbatch.cli import main
-from clipbatch.config import SpecError, load_spec
-from clipbatch.decode import decode_image, read_and_decode
-from clipbatch.models import preprocess_config
-from clipbatch.schema import matrix
+from clipbatch.errors import UserError
+from clipbatch.spec import load_spec
+from clipbatch.pipeline.decode import decode_image, read_and_decode
+from clipbatch.model.load import preprocess_config
+from clipbatch.output.schema import matrix
 from conftest import spec_dict
 from helpers import TINY_VIT_CFG
 
@@ -27,7 +28,7 @@ TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> str:
     """A second tiny CLIP with a different input size (32 px) and embedding size (48)."""
-    from clipbatch.models import save_local_dir
+    from clipbatch.model.load import save_local_dir
 
     torch.manual_seed(2)
     cfg = {**TINY_VIT_CFG, "embed_dim": 48, "vision_cfg": {**TINY_VIT_CFG["vision_cfg"], "image_size": 32}}
@@ -50,7 +51,7 @@ def ensemble_spec(images, tiny_model, small_model, out) -> dict:
 
 def test_ensemble_spec_checks(tmp_path, images, tiny_model, small_model):
     spec = ensemble_spec(images, tiny_model, small_model, tmp_path / "out")
-    members = load_spec(spec).members
+    members = load_spec(spec).model_specs
     assert [(m.column_key, m.weight) for m in members] == [("tiny", 0.7), ("small", 0.3)]
     for change, message in [(lambda s: s["models"].pop(), "at least two models"),
                             (lambda s: s["models"][1].update(key="tiny"), "same column"),
@@ -59,10 +60,10 @@ def test_ensemble_spec_checks(tmp_path, images, tiny_model, small_model):
                             (lambda s: s.update(model={"name": tiny_model}), "exactly one of model")]:
         bad = ensemble_spec(images, tiny_model, small_model, tmp_path / "out")
         change(bad)
-        with pytest.raises(SpecError, match=message):
+        with pytest.raises(UserError, match=message):
             load_spec(bad)
     spec["models"][0].pop("key")
-    assert load_spec(spec).members[0].column_key == "tiny"  # local-dir:/.../tiny -> the folder's name
+    assert load_spec(spec).model_specs[0].column_key == "tiny"  # local-dir:/.../tiny -> the folder's name
 
 
 def test_each_image_is_decoded_once_into_every_size(images, tiny_model, small_model):
@@ -112,8 +113,7 @@ def test_ensemble_matches_its_members(tmp_path, images, tiny_model, small_model,
     assert (np.array(table["label"].to_pylist())[clear] == np.array(CLASSES)[expected.argmax(1)][clear]).all()
 
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["model"] == "ensemble"
-    assert [(m["weight"], m["embedding_column"], m["embedding_dim"]) for m in manifest["ensemble"]] == [
+    assert [(m["weight"], m["embedding_column"], m["embedding_dim"]) for m in manifest["models"]] == [
         (0.7, "embedding_tiny", 64), (0.3, "embedding_small", 48)]
     assert (out / "_text_head.embedding_tiny.npy").is_file() and (out / "_text_head.embedding_small.npy").is_file()
 
@@ -143,7 +143,7 @@ def test_example_ensemble_spec_is_valid(tmp_path):
     """jobs/ensemble-openai.yaml, the seed articles' ensemble, validates and names its columns."""
     from pathlib import Path
 
-    spec = load_spec(Path(__file__).resolve().parent.parent / "jobs" / "ensemble-openai.yaml")
-    assert [(m.name, m.weight, m.column_key) for m in spec.members] == [
+    spec = load_spec(Path(__file__).resolve().parents[2] / "jobs" / "ensemble-openai.yaml")
+    assert [(m.name, m.weight, m.column_key) for m in spec.model_specs] == [
         ("ViT-L-14", 0.45, "vit_l_14"), ("ViT-B-32", 0.35, "vit_b_32"), ("RN50", 0.20, "rn50")]
     assert spec.labels.min_score == 0.3 and spec.ensemble

@@ -18,9 +18,9 @@ from PIL import Image
 
 import clipbatch
 from clipbatch.cli import main
-from clipbatch.demo import world
-from clipbatch.demo.command import write_images
-from clipbatch.report import NO_LABEL, aspect_class, build_report, error_reason
+from clipbatch.commands import demo_world as world
+from clipbatch.commands.demo import write_images
+from clipbatch.commands.report import NO_LABEL, aspect_class, build_report, error_reason
 from helpers import chromium_dom, mixed_images
 
 IMG_SRC = re.compile(r"<img src='([^']*)'")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clipbatch.config import InputSpec, SpecError
-from clipbatch.sources import list_images
+from clipbatch.errors import UserError
+from clipbatch.spec import InputSpec
+from clipbatch.pipeline.listing import list_images
 
 
 def listed(path, **kw):
@@ -66,12 +67,12 @@ def test_duplicates_listed_once(images):
 @pytest.mark.parametrize("path, message", [("/no/such/dir", "does not exist"),
                                            ("/no/such/*.jpg", "no images found")])
 def test_missing_inputs(path, message):
-    with pytest.raises(SpecError, match=message):
+    with pytest.raises(UserError, match=message):
         list_images(InputSpec(path=path))
 
 
 def test_mixed_protocols_refused(images):
-    with pytest.raises(SpecError, match="mixes storage protocols"):
+    with pytest.raises(UserError, match="mixes storage protocols"):
         list_images(InputSpec(path=[str(images), "s3://bucket/x"]))
 
 

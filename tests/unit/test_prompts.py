@@ -1,5 +1,5 @@
-"""Labels and prompts: template sets and files, classes files with synonyms, per-class prompts,
-min_score/unknown, temperature, and the text head saved with the output and reused."""
+"""Labels and prompts: template sets and files, classes files with synonyms, per-class prompts, and the
+text head built from them (against open_clip's own zero-shot classifier)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import json
 
 import numpy as np
 import open_clip
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
-import clipbatch
-from clipbatch.config import LabelsSpec, SpecError, load_spec
-from clipbatch.labels import _prompt_length, build_text_head, class_probabilities, encode_text
-from clipbatch.models import load_model
-from clipbatch.templates import resolve_prompts, resolve_templates, template_set_names
+from clipbatch.errors import UserError
+from clipbatch.spec import LabelsSpec, load_spec
+from clipbatch.model.text_head import _prompt_length, build_text_head, encode_text
+from clipbatch.model.load import load_model
+from clipbatch.model.prompts import resolve_prompts, resolve_templates, template_set_names
 from conftest import spec_dict
 import helpers
 
@@ -52,11 +51,11 @@ def test_templates_files(tmp_path):
                         ({"templates_file": str(sets), "templates": "cifar100"}, "has no set 'cifar100'"),
                         ({"templates_file": str(txt), "templates": "simple"}, "not both"),
                         ({"templates_file": str(tmp_path / "none.txt")}, "not found")]:
-        with pytest.raises(SpecError, match=message):
+        with pytest.raises(UserError, match=message):
             resolve_templates(labels(**kw))
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo\n")
-    with pytest.raises(SpecError, match="has no {}"):
+    with pytest.raises(UserError, match="has no {}"):
         resolve_templates(labels(templates_file=str(bad)))
 
 
@@ -77,7 +76,7 @@ def test_classes_files_with_synonyms(tmp_path):
         ["a photo of a cat.", "a photo of a kitten."], ["a photo of a dog."]]
     dup = tmp_path / "d.yaml"
     dup.write_text("- cat\n- name: cat\n")
-    with pytest.raises(SpecError, match="duplicate classes"):
+    with pytest.raises(UserError, match="duplicate classes"):
         resolve_prompts(labels(classes=None, classes_file=str(dup)))
 
 
@@ -89,7 +88,7 @@ def test_per_class_prompts_file(tmp_path):
     assert p.custom == ["cat"]
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"zebra": ["Stripes."]}))
-    with pytest.raises(SpecError, match="none of the classes"):
+    with pytest.raises(UserError, match="none of the classes"):
         resolve_prompts(labels(prompts_file=str(other)))
 
 
@@ -101,8 +100,8 @@ def test_per_class_prompts_file(tmp_path):
 ])
 def test_bad_labels_spec(tmp_path, tiny_model, images, change, message):
     spec = spec_dict(images, tiny_model, tmp_path / "out", labels=change)
-    with pytest.raises(SpecError, match=message):
-        load_spec(spec)
+    with pytest.raises(UserError, match=message):
+        resolve_prompts(load_spec(spec).labels)
 
 
 def test_head_is_mean_of_normalized_prompt_embeddings(tiny_model):
@@ -141,54 +140,3 @@ def test_text_encoded_on_prompt_length_equals_full_context(tiny_model):
 
     cfg = {**helpers.TINY_VIT_CFG, "text_cfg": {**helpers.TINY_VIT_CFG["text_cfg"], "no_causal_mask": True}}
     assert _prompt_length(open_clip.model.CLIP(**cfg).eval(), tokens) is None
-
-
-def test_temperature_divides_logits():
-    cosine = torch.tensor([[0.30, 0.25, 0.10]])
-    p1 = class_probabilities(cosine, 100.0, None).numpy()[0]
-    p2 = class_probabilities(cosine, 100.0, None, temperature=2.0).numpy()[0]
-    assert np.allclose(p2, np.exp([15.0, 12.5, 5.0]) / np.exp([15.0, 12.5, 5.0]).sum(), atol=1e-6)
-    assert np.allclose(np.log(p1[0] / p1[1]), 2 * np.log(p2[0] / p2[1]), atol=1e-4)
-    sig = class_probabilities(cosine, 10.0, -2.0, temperature=0.5).numpy()[0]
-    assert np.allclose(sig, 1 / (1 + np.exp(-(10.0 * np.array([0.30, 0.25, 0.10]) - 2.0) / 0.5)), atol=1e-6)
-
-
-def test_job_with_synonyms_min_score_saves_and_reuses_head(tmp_path, tiny_model, images, ray_local):
-    classes = tmp_path / "classes.yaml"
-    classes.write_text("- name: cat\n  synonyms: [kitten]\n- dog\n- car\n- tree\n- house\n")
-    out = tmp_path / "out"
-    spec = spec_dict(images, tiny_model, out, labels={"classes": None, "classes_file": str(classes),
-                                                     "min_score": 0.88, "unknown": "other", "temperature": 0.5})
-    spec["labels"].pop("classes")
-    assert clipbatch.run(spec).complete
-    table = pq.read_table(out)
-    scores = np.stack(table["scores"].to_numpy(zero_copy_only=False))
-    top = scores.max(1)
-    names = np.array(["cat", "dog", "car", "tree", "house"])
-    expected = np.where(top < 0.88, "other", names[scores.argmax(1)])
-    assert table["label"].to_pylist() == expected.tolist()
-    assert np.allclose(scores.sum(1), 1.0, atol=1e-4) and table["score"].to_numpy() == pytest.approx(top)
-    assert (top < 0.88).any() and (top >= 0.88).any(), "the test needs images on both sides of min_score"
-
-    loaded = load_model(tiny_model, None, device="cpu")
-    templates = ["a photo of a {}.", "a drawing of a {}."]
-    prompts = [[t.format(s) for s in synonyms for t in templates]
-               for synonyms in (["cat", "kitten"], ["dog"], ["car"], ["tree"], ["house"])]
-    head = np.load(out / "_text_head.npy")
-    assert np.allclose(head, build_text_head(loaded, prompts), atol=1e-5)
-    emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    direct = torch.softmax(torch.from_numpy(30.0 * emb @ head.T / 0.5), -1).numpy()
-    assert np.abs(direct - scores).max() < 5e-3  # fp16 embeddings
-
-    # A resume takes the saved head instead of building it again: a saved head with its rows
-    # rolled by one shifts every label of the rows the resume writes.
-    np.save(out / "_text_head.npy", np.roll(head, 1, axis=0))
-    first = sorted(out.glob("part-*.parquet"))[0]
-    redo = set(pq.read_table(first)["id"].to_pylist())
-    first.unlink()
-    (out / "_SUCCESS").unlink()
-    assert clipbatch.run(spec).complete
-    again = {r["id"]: r for r in pq.read_table(out).to_pylist()}
-    before = {r["id"]: r for r in table.to_pylist()}
-    for image_id in redo:
-        assert np.allclose(np.roll(before[image_id]["scores"], 1), again[image_id]["scores"], atol=5e-3)

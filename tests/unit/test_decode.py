@@ -9,7 +9,7 @@ import pytest
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from clipbatch.decode import _geometric_transform, _open_clip_geometry, decode_image
+from clipbatch.pipeline.decode import _geometric_transform, _open_clip_geometry, decode_image
 from helpers import encode, mixed_images
 
 

@@ -134,7 +134,7 @@ def cluster_run(tmp_path_factory, slow_model, small_images):
     script.write_text(SCRIPT)
     ray_tmp = tempfile.mkdtemp(prefix="cbm", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     try:
         proc = subprocess.run([sys.executable, str(script), json.dumps(spec), json.dumps(on_cuda)],
                               capture_output=True, text=True, timeout=480, env=env)

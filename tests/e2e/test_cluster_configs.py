@@ -15,9 +15,9 @@ import ray
 import yaml
 
 from clipbatch.cli import main
-from clipbatch.config import load_spec
+from clipbatch.spec import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 
 

@@ -14,12 +14,13 @@ import yaml
 from PIL import Image
 
 from clipbatch.cli import main
-from clipbatch.demo import world
-from clipbatch.demo.command import write_images
-from clipbatch.evaluate import calibrate
-from clipbatch.metrics import negative_log_likelihood, probabilities
-from clipbatch.models import load_model
-from clipbatch.schema import matrix
+from clipbatch.commands import demo_world as world
+from clipbatch.commands.demo import write_images
+from clipbatch.commands.evaluate import calibrate
+from clipbatch.commands.metrics import negative_log_likelihood
+from clipbatch.model.scoring import probabilities
+from clipbatch.model.load import load_model
+from clipbatch.output.schema import matrix
 
 
 def demo_spec(input_path, out, **input_extra) -> dict:
@@ -59,7 +60,7 @@ def test_metrics_match_the_output(evaluated):
     assert all(m["per_class"][c]["n"] == 2 for c in world.CLASSES) and m["classes"] == world.CLASSES
     assert m["top5"] == m["acc5"] and right / 72 <= m["top5"] <= 1.0
     assert m["mean_per_class_recall"] == pytest.approx(np.mean([v["recall"] for v in m["per_class"].values()]))
-    assert 0 <= m["ece"] <= 1 and m["model"]["model"] == "clipbatch-demo"
+    assert 0 <= m["ece"] <= 1 and m["models"][0]["model"] == "clipbatch-demo"
     assert m["templates"] == world.DEMO_TEMPLATES and m["truth"] == "folders"
     for name in ("confusion.png", "reliability.png", "per_class_recall.png"):
         with Image.open(root / "out" / "_eval" / name) as img:
@@ -78,7 +79,7 @@ def test_calibration_lowers_nll(evaluated):
     truth = np.array([world.CLASSES.index(i.split("/")[0]) for i in ok["id"].to_pylist() if
                       i.split("/")[0] in world.CLASSES])
     head = np.load(root / "out" / "_text_head.npy")
-    logits = m["model"]["logit_scale"] * emb.astype(np.float64) @ head.T
+    logits = m["models"][0]["logit_scale"] * emb.astype(np.float64) @ head.T
     t = c["temperature"]
 
     def nll(temperature):
