@@ -130,7 +130,9 @@ q = rng.standard_normal(%(dim)d).astype(np.float32); q /= np.linalg.norm(q)
 t = time.perf_counter(); search(stored, q, k=10); cold = time.perf_counter() - t
 q = rng.standard_normal(%(dim)d).astype(np.float32); q /= np.linalg.norm(q)
 t = time.perf_counter(); hits = search(stored, q, k=10); warm = time.perf_counter() - t
-t = time.perf_counter(); search(stored, q, k=10, where="label = 'class 3' AND score > 0.05"); filtered = time.perf_counter() - t
+t = time.perf_counter()
+search(stored, q, k=10, where="label = 'class 3' AND score > 0.05")
+filtered = time.perf_counter() - t
 result = {'cold_rows_per_s': %(rows)d / cold, 'rows_per_s': %(rows)d / warm,
           'where_rows_per_s': %(rows)d / filtered, 'top_score': hits[0]['score']}
 """

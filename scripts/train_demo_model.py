@@ -125,7 +125,7 @@ def evaluate(model, tok, val_pixels: np.ndarray, val_labels: np.ndarray) -> dict
             "unseen_per_class": per_unseen}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/train_demo_model.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
     p.add_argument("--minutes", type=float, default=25.0, help="hard cap on training time (default 25)")
@@ -133,41 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=world.TRAIN_SEED)
     p.add_argument("--eval-every", type=int, default=250, help="steps between accuracy reports")
     args = p.parse_args(argv)
-
-    from open_clip.loss import ClipLoss
-
-    from clipbatch.model.load import save_local_dir
-
     if args.seed in (world.DEMO_SEED, world.VAL_SEED):
         p.error("--seed must differ from the demo and validation seeds")
-    torch.set_flush_denormal(True)  # tiny weights/activations otherwise slow CPU kernels down several-fold
-    started = time.time()
-    model = build_model(args.seed)
-    tok = tokenizer()
-    # All training captions, tokenized once: caption_tokens[class k, wording j].
-    caption_tokens = torch.stack([tok(world.captions(*world.split_class(c))) for c in world.TRAIN_CLASSES])
-    n_wordings = caption_tokens.shape[1]
+    return args
 
-    val = list(world.sample(world.VAL_SEED, VAL_PER_CLASS))
-    check_preprocess([im for im, _ in val[:8]])
-    val_pixels = np.stack([np.asarray(im) for im, _ in val])
-    val_labels = np.array([world.CLASSES.index(name) for _, name in val])
 
-    pool_size = min(POOL, max(BATCH, args.steps * BATCH // 4))
-    pool = Pool(args.seed, pool_size)
-    print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; pool of {pool_size} pictures "
-          f"rendered in {time.time() - started:.1f}s", flush=True)
-
+def optimizer(model) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the weight matrices only (not on biases, norms or the logit scale)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=LR)
-    loss_fn = ClipLoss()
-    cap_s = args.minutes * 60
-    gen = torch.Generator().manual_seed(args.seed)
-    history = []
-    t0 = time.time()
-    step = 0
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+
+
+def train(model, args, pool: "Pool", caption_tokens: torch.Tensor, validate) -> tuple[int, list[dict]]:
+    """The training loop: (steps taken, accuracy history). The schedule follows steps or elapsed time,
+    whichever is further, so that a time cap still decays the learning rate to zero."""
+    from open_clip.loss import ClipLoss
+
+    opt, loss_fn = optimizer(model), ClipLoss()
+    cap_s, gen, history, step, t0 = args.minutes * 60, torch.Generator().manual_seed(args.seed), [], 0, time.time()
     model.train()
     while step < args.steps:
         elapsed = time.time() - t0
@@ -179,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         pixels, labels = pool.batch(BATCH, REFRESH)
-        wording = torch.randint(n_wordings, (BATCH,), generator=gen)
-        text = caption_tokens[torch.from_numpy(labels), wording]
-        img_f, txt_f, scale = model(to_tensor(pixels), text)
+        wording = torch.randint(caption_tokens.shape[1], (BATCH,), generator=gen)
+        img_f, txt_f, scale = model(to_tensor(pixels), caption_tokens[torch.from_numpy(labels), wording])
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,20 +173,42 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
-        if step % 50 == 0 and step % args.eval_every:
-            print(f"step {step:5d}  {time.time() - t0:6.0f}s  loss {loss.item():.3f}  lr {lr:.2e}", flush=True)
+        line = f"step {step:5d}  {time.time() - t0:6.0f}s  loss {loss.item():.3f}  lr {lr:.2e}"
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(model, tok, val_pixels, val_labels)
+            acc = validate()
             history.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss.item(), 4),
                             **{k: round(acc[k], 4) for k in ("seen", "all", "unseen")}})
-            print(f"step {step:5d}  {time.time() - t0:6.0f}s  loss {loss.item():.3f}  lr {lr:.2e}  "
-                  f"seen {acc['seen']:.1%}  all {acc['all']:.1%}  unseen {acc['unseen']:.1%}", flush=True)
+            print(f"{line}  seen {acc['seen']:.1%}  all {acc['all']:.1%}  unseen {acc['unseen']:.1%}", flush=True)
+        elif step % 50 == 0:
+            print(line, flush=True)
+    return step, history
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clipbatch.model.load import save_local_dir
+
+    args = parse_args(argv)
+    torch.set_flush_denormal(True)  # tiny weights/activations otherwise slow CPU kernels down several-fold
+    started = time.time()
+    model = build_model(args.seed)
+    tok = tokenizer()
+    # All training captions, tokenized once: caption_tokens[class k, wording j].
+    caption_tokens = torch.stack([tok(world.captions(*world.split_class(c))) for c in world.TRAIN_CLASSES])
+    val = list(world.sample(world.VAL_SEED, VAL_PER_CLASS))
+    check_preprocess([im for im, _ in val[:8]])
+    val_pixels = np.stack([np.asarray(im) for im, _ in val])
+    val_labels = np.array([world.CLASSES.index(name) for _, name in val])
+    pool_size = min(POOL, max(BATCH, args.steps * BATCH // 4))
+    pool = Pool(args.seed, pool_size)
+    print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; pool of {pool_size} pictures "
+          f"rendered in {time.time() - started:.1f}s", flush=True)
+    t0 = time.time()
+    step, history = train(model, args, pool, caption_tokens, lambda: evaluate(model, tok, val_pixels, val_labels))
     train_s = time.time() - t0
     acc = evaluate(model, tok, val_pixels, val_labels)
     print(f"final: {step} steps in {train_s:.0f}s  seen {acc['seen']:.1%}  all {acc['all']:.1%}  "
           f"unseen {acc['unseen']:.1%}  ({', '.join(f'{c} {a:.0%}' for c, a in acc['unseen_per_class'].items())})",
           flush=True)
-
     model.eval()
     pre = {k: v for k, v in PREPROCESS_CFG.items() if k != "size"}
     out = save_local_dir(model, MODEL_CFG, args.out, pre, dtype="float16")

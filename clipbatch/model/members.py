@@ -85,6 +85,8 @@ def members_from_metadata(metadata: dict) -> list[Member]:
 
 def current_metadata(metadata: dict) -> dict:
     """Metadata or a manifest in today's shape: its models as the list ``models``, whatever shape it had."""
+    if "models" in metadata or not {"model", "ensemble"} & set(metadata):
+        return metadata
     members = members_from_metadata(metadata)
     kept = {k: v for k, v in metadata.items() if k not in _FIELDS and k != "ensemble"}
     return {**kept, "models": [m.metadata() for m in members]}

@@ -150,7 +150,8 @@ class Job:
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
         if self.format == "images":
-            rows = ray.data.from_blocks([todo.slice(i, ROWS_PER_BLOCK) for i in range(0, todo.num_rows, ROWS_PER_BLOCK)])
+            rows = ray.data.from_blocks([todo.slice(i, ROWS_PER_BLOCK)
+                                         for i in range(0, todo.num_rows, ROWS_PER_BLOCK)])
         else:  # one shard per block and per reader task
             rows = ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
                 read_shards, batch_size=1, num_cpus=stage_cpus,
@@ -216,8 +217,8 @@ class Job:
                  f"{prompts.templates[0]!r}{' ...' if len(prompts.templates) > 1 else ''}{custom}"]
         for i, m in enumerate(self.members):
             mixed = f", weight {m.weight / total_weight:.3g} -> {m.column}" if s.ensemble else ""
-            lines.append(f"{'model' if i == 0 else '':<11}{m.name}{' pretrained=' + m.pretrained if m.pretrained else ''}"
-                         f", precision {m.precision}{mixed}")
+            pretrained = f" pretrained={m.pretrained}" if m.pretrained else ""
+            lines.append(f"{'model' if i == 0 else '':<11}{m.name}{pretrained}, precision {m.precision}{mixed}")
         lines.append(f"device     {s.compute.device} (auto: GPU actors where Ray reports GPUs, else CPU)"
                      if s.compute.device == "auto" else f"device     {s.compute.device}")
         lines.append(f"output     {self.out.url} (mode {s.output.mode})")

@@ -1,4 +1,4 @@
-"""The job's Ray: the cluster RAY_ADDRESS names, or a local Ray of the job's own, and what the plan needs to know of it."""
+"""The job's Ray: the cluster RAY_ADDRESS names, or a local Ray of the job's own, and what the plan needs of it."""
 
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ def test_world_is_seeded_and_held_out_is_spread():
     assert np.array_equal(a[0], b[2]) and np.array_equal(a[2], b[0])
     assert a[0].shape == (64, 64, 3)
     assert world.DEMO_SEED not in (world.TRAIN_SEED, world.VAL_SEED)
-    words = lambda texts: {w for t in texts for w in re.findall(r"[a-z]+", t.replace("{}", " "))}
+    def words(texts):
+        return {w for t in texts for w in re.findall(r"[a-z]+", t.replace("{}", " "))}
+
     assert words(world.DEMO_TEMPLATES) - words(world.TRAIN_CAPTIONS), "one template wording must be new"
 
 

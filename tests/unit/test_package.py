@@ -68,3 +68,26 @@ def test_only_the_pipeline_imports_ray():
     users = {name for name, path in MODULES.items() if any(m == "ray" or m.startswith("ray.")
                                                           for m in imports(path))}
     assert {u for u in users if not u.startswith("pipeline.")} == RAY_OUTSIDE_PIPELINE
+
+
+def test_functions_and_modules_stay_readable():
+    """No function over 60 lines and no module over 300, so that each reads on a screen or two."""
+    long = []
+    for name, path in MODULES.items():
+        lines = path.read_text().count("\n")
+        if lines > 300:
+            long.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def test_lint_passes():
+    """ruff, with the project's config (pyproject.toml): the README's test command lints too."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", str(PACKAGE.parent)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
