@@ -109,7 +109,7 @@ class Relabel:
         for member in self.stored.members:
             loaded = self.stored.load_model(member, device="cpu")
             heads.append(build_text_head(loaded, self.prompts.prompts))
-            members.append(member)
+            members.append(member.ran_with(loaded, heads[-1].shape[1]))  # its logit scale and bias, as loaded
             del loaded
         metadata = {**self.stored.metadata, "classes": self.prompts.names, "templates": self.prompts.templates,
                     "templates_name": self.prompts.templates_name, "custom_prompts": self.prompts.custom,

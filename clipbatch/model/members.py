@@ -46,7 +46,7 @@ class Member:
             raise
         except Exception as exc:  # files the checks found but cannot read (corrupt, truncated, another model's)
             raise UserError(f"model {self.label} cannot be loaded: {one_line(exc)}") from None
-        if self.preprocess is not None and comparable_preprocess(loaded.preprocess_cfg) != self.preprocess:
+        if self.preprocess and comparable_preprocess(loaded.preprocess_cfg) != self.preprocess:
             raise UserError(f"model {self.label} expects {comparable_preprocess(loaded.preprocess_cfg)} but its "
                             f"images were prepared for {self.preprocess}; please report this with the model name")
         return loaded

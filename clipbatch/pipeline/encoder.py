@@ -39,10 +39,13 @@ class ClipEncoder:
         configs = decode_configs([m.preprocess for m in members])
         self.pixels = [pixels_column(configs.index(m.preprocess)) if m.preprocess else "pixels" for m in members]
         self.carried = schema.names[schema.get_field_index("error") + 1:]
+
+    def describe(self, where: str = platform.node()) -> str:
+        """The encoder's start-up line: where it runs, on what device, with which models."""
         name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
-        models = ", ".join(f"{m.name} ({loaded.precision})" for m, loaded in zip(members, self.models))
-        print(f"clipbatch encoder on {platform.node()} (pid {os.getpid()}): device {self.device} ({name}), "
-              f"{models}, torch threads {torch.get_num_threads()}", flush=True)
+        models = ", ".join(f"{m.name} ({loaded.precision})" for m, loaded in zip(self.members, self.models))
+        return (f"clipbatch encoder on {where} (pid {os.getpid()}): device {self.device} ({name}), {models}, "
+                f"torch threads {torch.get_num_threads()}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"].astype(str)

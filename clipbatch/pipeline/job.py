@@ -15,6 +15,7 @@ write replaces the same file.
 from __future__ import annotations
 
 import json
+import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -67,6 +68,8 @@ class CountingEncoder(ClipEncoder):
     def __init__(self, counter, **kwargs):
         self.counter = counter
         super().__init__(**kwargs)
+        node = ray.get_runtime_context().get_node_id()[:12]
+        print(self.describe(f"{platform.node()} (Ray node {node})"), flush=True)
 
     def __call__(self, batch):
         table = super().__call__(batch)

@@ -38,7 +38,8 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     import open_clip
 
     out = tmp_path / "model"
-    result = subprocess.run([sys.executable, "-m", "clipbatch.demo.train", "--steps", "3", "--out", str(out)],
+    script = REPO / "scripts" / "train_demo_model.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "3", "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "open_clip_config.json").is_file() and (out / "open_clip_model.safetensors").is_file()

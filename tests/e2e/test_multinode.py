@@ -53,7 +53,7 @@ cluster = Cluster(initialize_head=True, head_node_args={
 ray.init(address=cluster.address, logging_level="WARNING")  # before the workers: the driver is on the head
 gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
-ENCODER = "MapWorker(MapBatches(_CountingEncoder))"
+ENCODER = "MapWorker(MapBatches(CountingEncoder))"
 out = Path(spec["output"]["path"])
 killed, finished = {}, {}
 

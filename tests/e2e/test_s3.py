@@ -83,7 +83,7 @@ def test_missing_bucket_fails_fast(s3, tiny_model, tmp_path):
 
 
 def test_broken_files_on_s3_are_error_rows(s3, pets_bucket, images, tiny_model, ray_local):
-    from test_output import broken_files
+    from conftest import broken_files
 
     good = next(images.rglob("*.jpg")).read_bytes()
     for name, data in {**broken_files(good), "empty.png": b"", "ok.jpg": good}.items():
