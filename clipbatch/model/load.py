@@ -3,7 +3,10 @@
 A spec names a model the way open_clip does (a built-in name with a pretrained
 tag or checkpoint file, ``hf-hub:org/repo``, ``local-dir:/path``) or by the
 short name of the model bundled with clipbatch. Nothing here knows about Ray,
-so the same code serves the actors, the text head and the tests.
+so the same code serves the actors, the text head and the tests. torch and
+open_clip are imported inside the functions that use them, on purpose: decode
+and shard-reader tasks import this module's neighbours (Member, the output
+schema) and must not pay for torch.
 """
 
 from __future__ import annotations
@@ -142,9 +145,8 @@ def pick_device(requested: str) -> str:
 
 
 def pick_precision(requested: str, device: str) -> str:
-    """'auto' is fp16 on GPU and fp32 on CPU. A bf16 model (not autocast, which was slower) runs
-    about 2x faster on CPUs with AVX512-BF16, but its probabilities drift up to 0.06 from fp32
-    (the demo model), beyond the fp32 parity the defaults promise: opt-in only."""
+    """'auto' is fp16 on GPU and fp32 on CPU. bf16 is faster on CPUs with AVX512-BF16 but moves
+    probabilities beyond the fp32 parity the defaults promise (docs/performance.md): opt-in only."""
     if requested == "auto":
         return "fp16" if device == "cuda" else "fp32"
     return requested

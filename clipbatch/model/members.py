@@ -63,9 +63,12 @@ class Member:
 def members_of(spec: JobSpec) -> list[Member]:
     """The spec's models, checked (names, tags, hub configs) and with their preprocessing, before any work."""
     members = []
-    for m in spec.model_specs:
-        check_model_name(m.name, m.pretrained)
-        check_hub_model(m.name)
+    for i, m in enumerate(spec.model_specs):
+        try:
+            check_model_name(m.name, m.pretrained)
+            check_hub_model(m.name)
+        except UserError as exc:
+            raise UserError(f"{f'models[{i}]' if spec.ensemble else 'model'}: {exc}") from None
         column = f"embedding_{m.column_key}" if spec.ensemble else "embedding"
         members.append(Member(m.name, m.pretrained, m.precision, m.weight, column,
                               preprocess_config(m.name, m.pretrained)))

@@ -55,8 +55,8 @@ def encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
 
     A CLIP text tower with a causal mask computes each position from the positions before it
     only, and pools at the end-of-text token, so the padding after the longest prompt's last
-    token cannot change the result: it is cut off (77 -> about 10 positions for short templates,
-    5-7x less work; equal to the full context within float rounding, tests/test_templates.py).
+    token cannot change the result: it is cut off (short templates need a fraction of the 77
+    positions; equal to the full context within float rounding, tests/unit/test_prompts.py).
     Towers without a causal mask (SigLIP-style, Hugging Face) always get the full context.
     """
     length = _prompt_length(model, tokens)

@@ -130,9 +130,9 @@ class OutputDir:
 def write_part(out: OutputDir, table: pa.Table, name: str) -> str:
     """One Parquet part, atomically.
 
-    No dictionary encoding on the float lists (a float16 embedding column reads 5x faster without),
-    and column statistics only on the scalar columns, where filters use them: statistics over the
-    embedding and scores values made writing 10-20x slower (measured with bench/reuse.py's parts).
+    No dictionary encoding on the float lists (a dictionary-encoded float16 column reads several
+    times slower), and column statistics only on the scalar columns, where filters use them:
+    statistics over the embedding and scores values made writing many times slower (bench/reuse.py).
     """
     target = out.join(name)
     staging = out.join(f".{name}.{uuid.uuid4().hex[:8]}.tmp") if out.is_local else target

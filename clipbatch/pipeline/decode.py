@@ -31,8 +31,8 @@ def _shortest_edge_then_center_crop(size: int, resample: int):
     """open_clip's default eval geometry (resize_mode 'shortest', square size) without torch.
 
     The same arithmetic as torchvision's Resize(size) and CenterCrop(size) on PIL images,
-    then convert('RGB'), in the same order; tests/test_decode.py checks it pixel for pixel
-    against open_clip's own transform. It keeps decode workers free of a 4 s torch import.
+    then convert('RGB'), in the same order; tests/unit/test_decode.py checks it pixel for pixel
+    against open_clip's own transform. It keeps decode workers free of torch's import.
     """
     def apply(img: Image.Image) -> Image.Image:
         w, h = img.size
