@@ -63,7 +63,9 @@ def main() -> None:
     codes = dict(c.split("=", 1) for c in args.code) if args.code else {"this": "."}
     args.workdir.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    paths = sorted(make_corpus(args.workdir / "corpus", 2 * args.images))
+    paths = sorted((args.workdir / "corpus").rglob("*.jpg"))[:2 * args.images]  # image i is the same for any n
+    if len(paths) < 2 * args.images:
+        paths = sorted(make_corpus(args.workdir / "corpus", 2 * args.images))
     print(f"corpus: {len(paths)} JPEGs (640x480 and 1024x768) in {time.time() - began:.0f} s", flush=True)
     jobs = {n: write_job(args.workdir, paths, args.model, n) for n in (args.images, 2 * args.images)}
     runs: dict[str, list[dict]] = {name: [] for name in codes}
@@ -87,7 +89,7 @@ def main() -> None:
               "cores": os.cpu_count(), "model": args.model, "images": args.images, "codes": codes,
               "runs": runs, "median_steady_img_per_s": medians}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d}-{socket.gethostname()}-steady.json"
+    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d}-{socket.gethostname()}-steady-{args.model}.json"
     out.write_text(json.dumps(record, indent=2))
     print(f"record: {out}")
 
