@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipbatch.errors import UserError, redact
+from clipbatch.errors import UserError, one_line, redact
 from clipbatch.spec import parse_override, parse_storage_options
 
 
@@ -211,12 +211,17 @@ def _cluster_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipbatch", description=__doc__.split("\n\n")[0])
+    """Every command ends in one line of clipbatch's: an error never ends in a traceback unless --debug
+    (anywhere on the command line) asks for it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = argparse.ArgumentParser(prog="clipbatch", description=__doc__.split("\n\n")[0],
+                                     epilog="--debug (anywhere): show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     _job_parsers(sub)
     _output_parsers(sub)
     _cluster_parsers(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
     except UserError as exc:
@@ -225,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clipbatch: interrupted; rerun the same command to finish the missing work", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"clipbatch: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def command_line() -> int:

@@ -160,6 +160,7 @@ class ComputeSpec(_Strict):
     gpus_per_actor: Union[Literal["auto"], float] = "auto"
     cpus_per_actor: Union[Literal["auto"], float] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    wait_for_gpus_s: float = Field(600, ge=0)  # on a running cluster without the GPUs asked for
 
     @field_validator(*_COMPUTE_BOUNDS)
     @classmethod

@@ -27,37 +27,11 @@ import fsspec
 import yaml
 
 import clipbatch
-from clipbatch.errors import UserError, add_secret, one_line, redact
+from clipbatch.errors import one_line, redact
+from clipbatch.pipeline.session import TOKEN_HELP, ClusterError, find_token
 from clipbatch.spec import load_spec
 
 SPEC_NAME = "clipbatch-job.yaml"  # the spec's name inside the job's working_dir
-TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it, or put it in "
-              "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)")
-
-
-class ClusterError(UserError):
-    """A problem reaching or using the cluster, reported as one line like a spec error."""
-
-
-def find_token() -> tuple[str, str] | None:
-    """(token, where it was found), in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-    ~/.ray/auth_token. Whatever is found is masked in everything clipbatch prints."""
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        token, where = os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
-    else:
-        named = os.environ.get("RAY_AUTH_TOKEN_PATH")
-        path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
-        if not path.is_file():
-            if named:
-                raise ClusterError(f"RAY_AUTH_TOKEN_PATH is {named}, which is not a file; {TOKEN_HELP}")
-            return None
-        token, where = path.read_text().strip(), str(path)
-        if not token:
-            raise ClusterError(f"the token file {path} is empty; {TOKEN_HELP}")
-    add_secret(token)
-    return token, where
-
-
 def _auth_headers(found: tuple[str, str] | None) -> dict[str, str] | None:
     return {"Authorization": f"Bearer {found[0]}"} if found else None
 

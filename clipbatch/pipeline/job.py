@@ -39,7 +39,7 @@ from clipbatch.pipeline.encoder import ClipEncoder
 from clipbatch.pipeline.listing import input_format, list_images
 from clipbatch.pipeline.plan import ACTOR_OVERHEAD_BYTES, ComputePlan, plan_for
 from clipbatch.pipeline.progress import ProgressCounter, ProgressReporter
-from clipbatch.pipeline.session import Cluster, cluster_info, init_ray
+from clipbatch.pipeline.session import Cluster, cluster_info, init_ray, wait_for_gpus
 from clipbatch.pipeline.shards import carried_name, read_shards
 from clipbatch.pipeline.sink import ParquetPartsDatasink
 from clipbatch.spec import JobSpec, load_spec
@@ -104,9 +104,9 @@ class Job:
             print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
         cluster = cluster_info()
         plan = plan_for(self.spec.compute, cluster, self._actor_bytes())
-        if plan.gpus_per_actor > cluster.gpus:
-            print(f"clipbatch: the cluster has {cluster.gpus:g} GPUs now; encoder actors wait for its "
-                  "autoscaler to add GPU nodes", flush=True)
+        if plan.gpus_per_actor > cluster.gpus:  # a running cluster whose autoscaler may add GPU nodes
+            cluster = wait_for_gpus(plan.gpus_per_actor, self.spec.compute.wait_for_gpus_s)
+            plan = plan_for(self.spec.compute, cluster, self._actor_bytes())
         print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} "
               f"{'images' if self.format == 'images' else 'shards'} to do; {plan.describe()}", flush=True)
         members, heads = self._text_heads(plan)

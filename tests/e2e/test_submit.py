@@ -1,4 +1,5 @@
-"""`clipbatch submit|status|logs` against a real Ray head with token authentication on.
+"""`clipbatch submit|status|logs`, and `clipbatch run` joining a cluster, against a real Ray head with
+token authentication on.
 
 The head is `ray start --head` with the dashboard, in its own process group, temp dir and HOME,
 so that it neither reads nor writes the real ~/.ray and no other `ray.init()` on this machine
@@ -50,7 +51,7 @@ def _base_env(home: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def head():
-    """A token-authenticated head on loopback; yields (dashboard URL, token, its HOME)."""
+    """A token-authenticated head on loopback without GPUs; yields (dashboard URL, token, its HOME, GCS address)."""
     root = Path(tempfile.mkdtemp(prefix="cbh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     home = root / "home"
     (home / ".ray").mkdir(parents=True)
@@ -70,7 +71,7 @@ def head():
     try:
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, out[-3000:]
-        yield f"http://127.0.0.1:{dash}", token, home
+        yield f"http://127.0.0.1:{dash}", token, home, f"127.0.0.1:{gcs}"
     finally:
         _stop_group(proc.pid)
         shutil.rmtree(root, ignore_errors=True)
@@ -101,7 +102,7 @@ def clipbatch(args: list[str], env: dict, cwd: Path, timeout: float = 400) -> su
 @pytest.mark.slow
 def test_submit_streams_logs_and_succeeds(head, tmp_path, tiny_model, images):
     """Token from ~/.ray/auth_token with RAY_AUTH_MODE unset; images shipped with --working-dir."""
-    address, token, home = head
+    address, token, home, _ = head
     ship = tmp_path / "ship"
     shutil.copytree(images, ship / "images")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict("ship/images", tiny_model, tmp_path / "out")))
@@ -120,7 +121,7 @@ def test_submit_streams_logs_and_succeeds(head, tmp_path, tiny_model, images):
 def test_failing_job_status_and_logs(head, tmp_path, tiny_model, images):
     """A spec that fails on the cluster: non-zero exit with the cluster's error, in wait mode and after
     --no-wait through `status` and `logs`; the token comes from RAY_AUTH_TOKEN_PATH."""
-    address, token, home = head
+    address, token, home, _ = head
     env = {**_base_env(tmp_path), "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(images, tiny_model, tmp_path / "out")))
     missing = ["--set", f"input.path={tmp_path / 'missing'}"]
@@ -151,13 +152,13 @@ def test_failing_job_status_and_logs(head, tmp_path, tiny_model, images):
 def test_a_head_started_here_reads_local_paths(head, monkeypatch):
     """A head on loopback whose nodes all have this machine's address is 'here' (one behind an SSH
     tunnel or kubectl port-forward on localhost has nodes with other addresses)."""
-    address, token, _ = head
+    address, token, _, _ = head
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     assert _runs_here(address, connect(address))
 
 
 def test_without_or_with_a_wrong_token_one_line(head, tmp_path, tiny_model, images):
-    address, token, _ = head
+    address, token, _, _ = head
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(images, tiny_model, tmp_path / "out")))
     proc = clipbatch(["submit", "job.yaml", "--address", address], _base_env(tmp_path), tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -231,3 +232,64 @@ def test_tokens_are_masked(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(ClusterError, match="RAY_AUTH_TOKEN_PATH is .*missing, which is not a file"):
         find_token()
+
+
+def run_on(tmp_path, env: dict, *sets: str, images=None, tiny_model=None) -> tuple[subprocess.CompletedProcess, float]:
+    """`clipbatch run` of a small job as a user runs it, in a shell of its own; (process, seconds)."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec_dict(images, tiny_model, tmp_path / "out")))
+    began = time.time()
+    proc = subprocess.run([sys.executable, "-m", "clipbatch.cli", "run", str(job), *sets], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    return proc, time.time() - began
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_run_joins_a_token_cluster_with_the_token_in_home(head, tmp_path, images, tiny_model):
+    """RAY_ADDRESS names a head with token authentication, the token is only in ~/.ray/auth_token and
+    RAY_AUTH_MODE is unset: the job runs there, and the token appears nowhere it writes."""
+    _, token, home, gcs = head
+    proc, _ = run_on(tmp_path, {**_base_env(home), "RAY_ADDRESS": gcs}, images=images, tiny_model=tiny_model)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "clipbatch: complete: 24 rows" in proc.stdout
+    manifest = (tmp_path / "out" / "_manifest.json").read_text()
+    assert token not in proc.stdout + proc.stderr + manifest and gcs in manifest
+
+
+def test_run_without_the_token_says_so_in_one_line(head, tmp_path, images, tiny_model):
+    _, _, _, gcs = head
+    empty = tmp_path / "home"
+    empty.mkdir()
+    proc, seconds = run_on(tmp_path, {**_base_env(empty), "RAY_ADDRESS": gcs}, images=images, tiny_model=tiny_model)
+    assert proc.returncode == 2 and seconds < 60, (seconds, proc.stderr[-3000:])
+    assert last_line(proc) == (f"clipbatch: error: the Ray cluster at {gcs} requires an authentication token and "
+                               "none was found: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it, "
+                               "or put it in ~/.ray/auth_token (`ray get-auth-token` on the head node prints it)")
+    assert "Traceback" not in proc.stderr
+    proc, _ = run_on(tmp_path, {**_base_env(empty), "RAY_ADDRESS": gcs, "RAY_AUTH_TOKEN": "not-this-clusters"},
+                     images=images, tiny_model=tiny_model)
+    assert proc.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in last_line(proc), proc.stderr[-3000:]
+    assert "not-this-clusters" not in proc.stderr
+
+
+def test_run_waits_a_bounded_time_for_gpus_the_cluster_lacks(head, tmp_path, images, tiny_model):
+    _, _, home, gcs = head
+    proc, seconds = run_on(tmp_path, {**_base_env(home), "RAY_ADDRESS": gcs}, "--set", "compute.gpus_per_actor=1",
+                           "--set", "compute.wait_for_gpus_s=5", images=images, tiny_model=tiny_model)
+    assert proc.returncode == 2 and 5 <= seconds < 60, (seconds, proc.stderr[-3000:])
+    assert f"waiting up to 5 s (compute.wait_for_gpus_s) for the cluster at {gcs}" in proc.stdout
+    assert last_line(proc).startswith(f"clipbatch: error: no GPU node joined the cluster at {gcs} within 5 s")
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_run_on_an_address_where_nothing_answers_stops_in_one_line(tmp_path, images, tiny_model):
+    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+    proc, seconds = run_on(tmp_path, {**_base_env(tmp_path), "RAY_ADDRESS": dead}, images=images,
+                           tiny_model=tiny_model)
+    assert proc.returncode == 2 and seconds < 60, (seconds, proc.stderr[-3000:])
+    line = last_line(proc)
+    assert line.startswith("clipbatch: error: nothing answers at the Ray cluster's address") and dead in line
+    assert "ray status" in line and "Traceback" not in proc.stderr
