@@ -117,8 +117,7 @@ def join_cluster(address: str) -> str | None:
         # this process read when it imported Ray.
         with _quiet(AUTH_LOGGER):
             enable_token_auth_if_token_available(warn_if_disabled=False)
-        host_port = check_answers(address)
-    if not address.startswith("ray://") and not _authenticates(host_port):  # ray:// is Ray Client's own
+        if not _authenticates(host_port):
             raise ClusterError(f"the Ray cluster at {address} refused the token from {found[1]}; check that it "
                                f"is this cluster's token ({TOKEN_HELP})")
     try:
