@@ -125,9 +125,8 @@ class Job:
             if stats:
                 print(dataset.stats(), flush=True)
         new_rows = sum(r["rows"] for r in sink.written)
-        summary = self._finish(metadata, members, heads, plan, cluster, new_rows, started)
-        summary.images_per_s = new_rows / max(time.time() - began, 1e-9)
-        return summary
+        rate = new_rows / max(time.time() - began, 1e-9)
+        return self._finish(metadata, members, heads, plan, cluster, new_rows, rate, started)
 
     def _actor_bytes(self) -> int:
         """One CPU actor's memory: its models' weights and the overhead of a worker with torch."""
@@ -178,7 +177,7 @@ class Job:
                                                     "device": plan.device, "torch_threads": plan.torch_threads}))
 
     def _finish(self, metadata: dict, members: list[Member], heads: list, plan: ComputePlan, cluster: Cluster,
-                new_rows: int, started: float) -> RunSummary:
+                new_rows: int, rate: float, started: float) -> RunSummary:
         written = self.out.written_rows()
         ids = written["id"].combine_chunks()
         unique = pc.count_distinct(ids).as_py() if len(ids) else 0
@@ -200,7 +199,7 @@ class Job:
                      if self.format == "parquet" else {}),
                   "timings": {"total_s": round(seconds, 3)}}
         finish(self.out, metadata, {m.column: h for m, h in zip(members, heads)}, fields, complete)
-        return RunSummary(self.out.url, len(ids), errors, new_rows, seconds, 0.0, plan.device, complete)
+        return RunSummary(self.out.url, len(ids), errors, new_rows, seconds, rate, plan.device, complete)
 
     def describe(self, sample: int = 5) -> str:
         """What `validate` and `run` print before any work: inputs, classes, templates, models, output."""
