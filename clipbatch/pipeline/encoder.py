@@ -39,6 +39,7 @@ class ClipEncoder:
         configs = decode_configs([m.preprocess for m in members])
         self.pixels = [pixels_column(configs.index(m.preprocess)) if m.preprocess else "pixels" for m in members]
         self.carried = schema.names[schema.get_field_index("error") + 1:]
+        self.chunk: int | None = None  # at most this many images per forward pass, once a batch ran out of memory
 
     def describe(self, where: str = platform.node()) -> str:
         """The encoder's start-up line: where it runs, on what device, with which models."""
@@ -46,6 +47,24 @@ class ClipEncoder:
         models = ", ".join(f"{m.name} ({loaded.precision})" for m, loaded in zip(self.members, self.models))
         return (f"clipbatch encoder on {where} (pid {os.getpid()}): device {self.device} ({name}), {models}, "
                 f"torch threads {torch.get_num_threads()}")
+
+    def _embed(self, model, pixels: np.ndarray) -> torch.Tensor:
+        """Embeddings of the pixels, in chunks no larger than a forward pass that fits the GPU's memory: a
+        batch that runs out of memory is halved (and the actor says so once) instead of failing the job."""
+        chunk = self.chunk or len(pixels)
+        try:
+            return torch.cat([model.embed_images(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            if self.chunk is None:
+                print(f"clipbatch encoder (pid {os.getpid()}): CUDA out of memory on {chunk} images at once; this "
+                      "actor halves its forward passes until they fit (lower compute.batch_size to avoid it)",
+                      flush=True)
+            self.chunk = max(1, chunk // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self._embed(model, pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"].astype(str)
@@ -56,7 +75,7 @@ class ClipEncoder:
         if valid.any():
             member_logits = []
             for member, model, head, pixels in zip(self.members, self.models, self.heads, self.pixels):
-                emb = model.embed_images(np.ascontiguousarray(batch[pixels][valid]))
+                emb = self._embed(model, np.ascontiguousarray(batch[pixels][valid]))
                 member_logits.append(logits((emb @ head.T).cpu().numpy(), member))
                 embeddings[member.column][valid] = emb.cpu().numpy()
             probs = mix(member_logits, self.members, self.labeling.temperature)

@@ -13,7 +13,7 @@ import pytest
 import clipbatch
 from clipbatch.errors import UserError
 from clipbatch.output.schema import read_metadata
-from conftest import CLASSES, broken_spec
+from conftest import CLASSES, broken_spec, spec_dict
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,19 @@ def test_mode_error_and_overwrite(finished, broken_images, tiny_model, tmp_path)
                                       labels={"classes": ["x", "y"]}))
     assert summary.complete and summary.new_rows == 34
     assert pq.read_table(copy)["label"].drop_null().unique().to_pylist() != []
+
+
+def test_a_listing_of_missing_folder_and_dangling_uris_gives_error_rows(images, tiny_model, tmp_path, ray_local):
+    """A .txt listing whose URIs do not exist, name a folder, or are a link to nothing: one error row
+    each beside the good rows, and the job completes."""
+    good = sorted(str(p) for p in images.rglob("*.png"))[:2]
+    (tmp_path / "a-folder.jpg").mkdir()
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "a-folder.jpg"), str(tmp_path / "dangling.jpg")]
+    listing = tmp_path / "uris.txt"
+    listing.write_text("\n".join(good + bad) + "\n")
+    summary = clipbatch.run(spec_dict(listing, tiny_model, tmp_path / "out"))
+    assert summary.complete and summary.rows == 5 and summary.errors == 3
+    rows = {r["source"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert all(rows[s]["error"] is None and rows[s]["label"] for s in good)
+    assert all(rows[s]["error"] and rows[s]["label"] is None for s in bad), {s: rows[s]["error"] for s in bad}

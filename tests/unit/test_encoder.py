@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from clipbatch.model.load import pick_device
 from clipbatch.model.members import Member
@@ -103,3 +104,26 @@ def test_gpu_actor_without_cuda_fails_loudly():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="finds no CUDA device"):
         pick_device("cuda")
+
+
+def test_a_batch_out_of_gpu_memory_is_halved_and_the_job_goes_on(heads, batch, capsys):
+    """The forward raises CUDA's out-of-memory error above 3 images at once: the actor halves its
+    forward passes until they fit, says so once, and its rows equal those of a batch that fit."""
+    reference = encoder(heads)(batch)
+    shrinking = encoder(heads)
+    model = shrinking.models[0].model
+    fits = model.encode_image
+
+    def encode_image(x, *args, **kwargs):
+        if x.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fits(x, *args, **kwargs)
+
+    model.encode_image = encode_image
+    first, second = shrinking(batch), shrinking(batch)
+    assert shrinking.chunk == len(batch["id"]) // 2 == 3  # 7 images at once did not fit, 3 do
+    printed = capsys.readouterr().out
+    assert printed.count("CUDA out of memory") == 1 and "halves its forward passes" in printed
+    for table in (first, second):
+        assert table["label"].to_pylist() == reference["label"].to_pylist()
+        assert np.allclose(embeddings(table), embeddings(reference), atol=1e-5)
