@@ -10,6 +10,7 @@ of an encoder on a GPU, of relabel over stored embeddings and of eval.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,11 @@ class Labeling:
     @classmethod
     def from_spec(cls, labels: LabelsSpec, classes: list[str]) -> "Labeling":
         return cls(classes, labels.top_k, labels.min_score, labels.unknown, labels.temperature)
+
+    @functools.cached_property
+    def class_array(self) -> pa.Array:
+        """The class names as Arrow strings, made once: every batch takes its labels from them."""
+        return pa.array(self.classes, pa.string())
 
 
 def probabilities(logits: np.ndarray, sigmoid: bool, temperature: float = 1.0) -> np.ndarray:
@@ -79,7 +85,7 @@ def label_columns(probs: np.ndarray, valid: np.ndarray, labeling: Labeling) -> d
     probs [n_valid, C] are the probabilities of the rows where valid is True; the other rows get
     nulls. Below min_score the label is ``unknown`` (None: null) while the scores stay the model's.
     """
-    classes = pa.array(labeling.classes, pa.string())
+    classes = labeling.class_array
     n, num_classes = len(valid), len(classes)
     k = min(labeling.top_k, num_classes)
     all_probs = np.zeros((n, num_classes), dtype=np.float32)
