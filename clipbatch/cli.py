@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipbatch.errors import UserError, one_line, redact
+from clipbatch.errors import UserError, redact, unexpected
 from clipbatch.spec import parse_override, parse_storage_options
 
 
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        print(f"clipbatch: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"clipbatch: error: {unexpected(exc)} (what was written is kept and a rerun resumes; "
+              "--debug shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -17,6 +17,8 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"
 _SIGNED = re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
 # HTTP authorization headers, as a client library may print them in an error.
 _BEARER = re.compile(r"(Bearer\s+)[^\s'\",}]+", re.IGNORECASE)
+# Terminal colours that Ray puts into its errors' first lines.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Secrets read from files (a Ray token in ~/.ray/auth_token) rather than from the environment.
 _KNOWN: set[str] = set()
 
@@ -42,6 +44,32 @@ def redact(text: str) -> str:
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """'Type: first line of the message', redacted and cut to limit characters."""
-    lines = str(exc).strip().splitlines()
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0] if lines else 'no detail'}"
     return redact(text)[:limit]
+
+
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def unexpected(exc: BaseException) -> str:
+    """One line for an exception nobody expected: for an error Ray brings back from a worker, the
+    'Type: message' the worker raised (Ray carries it only in its text), else the innermost cause."""
+    if type(exc).__module__.startswith("ray"):
+        for line in _ANSI.sub("", str(exc)).splitlines():
+            raised = _RAISED.match(line.strip())
+            if raised and not raised.group(1).startswith("ray."):
+                return redact(f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}")[:300]
+    return one_line(root_cause(exc))
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception under the wrappers (a Ray task error wraps the one raised in a worker, as ``cause``)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc

@@ -104,3 +104,16 @@ def test_one_line_is_one_redacted_line(monkeypatch):
     exc = OSError("denied for s3cr3t-value with file-token-1234\nTraceback (most recent call last): ...")
     assert one_line(exc) == "OSError: denied for *** with ***"
     assert one_line(ValueError()) == "ValueError: no detail" and len(one_line(ValueError("x" * 999))) == 300
+
+
+def test_an_unexpected_error_is_its_innermost_cause_without_colours():
+    from clipbatch.errors import unexpected
+
+    try:
+        try:
+            raise OSError("disk gone")
+        except OSError as inner:
+            raise RuntimeError("\x1b[36mwrapper\x1b[39m") from inner
+    except RuntimeError as outer:
+        assert unexpected(outer) == "OSError: disk gone"
+    assert one_line(ValueError("\x1b[36mray::MapWorker\x1b[39m (pid=1)")) == "ValueError: ray::MapWorker (pid=1)"
