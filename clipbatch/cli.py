@@ -238,9 +238,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def command_line() -> int:
-    return main()
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,7 +108,7 @@ def test_kuberay_rayjob_runs_a_valid_clipbatch_command_on_a_valid_spec(capsys):
     # argparse. A --set without '=' is the first thing `run` rejects after parsing, so a 2 with that
     # message means the command line parsed and reached the command; a bad one exits in argparse.
     argv = shlex.split(job["spec"]["entrypoint"])
-    scripts = {ep.name for ep in entry_points(group="console_scripts") if ep.value == "clipbatch.cli:command_line"}
+    scripts = {ep.name for ep in entry_points(group="console_scripts") if ep.value == "clipbatch.cli:main"}
     assert argv[0] in scripts and argv[1:] == ["run", f"{mount['mountPath']}/{key}"]
     assert main(argv[1:] + ["--set", "parsed"]) == 2
     assert "--set expects key.path=value" in capsys.readouterr().err
