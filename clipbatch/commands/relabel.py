@@ -25,7 +25,7 @@ from clipbatch.errors import UserError
 from clipbatch.model.members import Member
 from clipbatch.model.prompts import resolve_prompts
 from clipbatch.model.scoring import Labeling, label_columns, logits, mix
-from clipbatch.model.text_head import build_text_head
+from clipbatch.model.text_head import build_heads
 from clipbatch.output import resume
 from clipbatch.output.finish import error_count, finish
 from clipbatch.output.layout import SUCCESS, OutputDir, write_part
@@ -105,12 +105,8 @@ class Relabel:
             return RelabelSummary(self.out.url, rows, errors, 0.0, 0.0, skipped=True)
         done = {posixpath.basename(p) for p in self.out.parts()}
         todo = [p for p in self.stored.parts if posixpath.basename(p) not in done]
-        members, heads = [], []
-        for member in self.stored.members:
-            loaded = self.stored.load_model(member, device="cpu")
-            heads.append(build_text_head(loaded, self.prompts.prompts))
-            members.append(member.ran_with(loaded, heads[-1].shape[1]))  # its logit scale and bias, as loaded
-            del loaded
+        members, heads = build_heads(self.stored.members, self.prompts.prompts,
+                                     load=lambda member: self.stored.load_model(member, device="cpu"))
         metadata = {**self.stored.metadata, "classes": self.prompts.names, "templates": self.prompts.templates,
                     "templates_name": self.prompts.templates_name, "custom_prompts": self.prompts.custom,
                     "min_score": self.labeling.min_score, "unknown": self.labeling.unknown,
@@ -137,7 +133,7 @@ class Relabel:
     def _relabel_part(self, part: str, score: "PartScorer") -> tuple[int, int]:
         table = score(self.stored.read_part(part))
         write_part(self.out, table, posixpath.basename(part))
-        return table.num_rows, table.num_rows - table["error"].null_count
+        return table.num_rows, error_count(table)
 
 
 @dataclass

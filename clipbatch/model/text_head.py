@@ -9,22 +9,25 @@ decided in prompts.py; what the head's cosines become, in scoring.py.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 import torch
 
+from clipbatch.model.load import LoadedModel
 from clipbatch.model.members import Member
 
 TEXT_BATCH = 1024  # prompts per encode_text call: CuPL-style files can hold 50k sentences
 
 
-def build_heads(members: list[Member], prompts: list[list[str]], device: str = "auto"
-                ) -> tuple[list[Member], list[np.ndarray]]:
+def build_heads(members: list[Member], prompts: list[list[str]], device: str = "auto",
+                load: Callable[[Member], LoadedModel] | None = None) -> tuple[list[Member], list[np.ndarray]]:
     """Each member's text head [C, D], and the members with what their loaded models say
-    (precision, logit scale and bias, embedding size). The models are loaded one after the other."""
+    (precision, logit scale and bias, embedding size). The models are loaded one after the other,
+    by ``load`` where given (relabel checks them against the output), else on the device."""
     ran, heads = [], []
     for member in members:
-        loaded = member.load(device)
+        loaded = load(member) if load else member.load(device)
         heads.append(build_text_head(loaded, prompts))
         ran.append(member.ran_with(loaded, heads[-1].shape[1]))
         del loaded

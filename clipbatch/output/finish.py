@@ -16,8 +16,9 @@ import pyarrow as pa
 from clipbatch.output.layout import MANIFEST, SUCCESS, OutputDir
 
 
-def error_count(written: pa.Table) -> int:
-    return written.num_rows - written["error"].null_count
+def error_count(rows: pa.Table) -> int:
+    """Rows whose error is set."""
+    return rows.num_rows - rows["error"].null_count
 
 
 def finish(out: OutputDir, metadata: dict, heads: dict[str, np.ndarray], fields: dict, complete: bool) -> dict:

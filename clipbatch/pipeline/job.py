@@ -73,7 +73,7 @@ class CountingEncoder(ClipEncoder):
 
     def __call__(self, batch):
         table = super().__call__(batch)
-        self.counter.add.remote(table.num_rows, table.num_rows - table["error"].null_count)
+        self.counter.add.remote(table.num_rows, error_count(table))
         return table
 
 
