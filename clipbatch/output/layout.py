@@ -13,11 +13,13 @@ import io
 import json
 import posixpath
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from clipbatch.errors import UserError, one_line
 
@@ -25,6 +27,8 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 TEXT_HEAD = "_text_head.npy"  # [C, D] float32: the job's zero-shot head, for eval
 PART_GLOB = "part-*.parquet"
+LISTING = "_listing"  # the images still to do, as Parquet files that the job's read tasks take in turn
+LISTING_ROWS_PER_FILE = 100_000
 
 
 def is_local(fs) -> bool:
@@ -93,7 +97,9 @@ class OutputDir:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The rows written so far (every part is whole), with only the columns asked for."""
-        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in self.parts()]
+        # Threads: on an object store each part is a few round trips, and a million rows are hundreds of parts.
+        with ThreadPoolExecutor(16) as pool:
+            tables = list(pool.map(lambda p: pq.read_table(p, columns=columns, filesystem=self.fs), self.parts()))
         if not tables:
             raise FileNotFoundError(f"{self.url} holds no part-*.parquet")
         return pa.concat_tables(tables, promote_options="permissive")
@@ -108,7 +114,30 @@ class OutputDir:
         except Exception as exc:
             raise UserError(f"output.path: cannot write to {self.url}: {one_line(exc)}") from None
 
+    def write_listing(self, table: pa.Table) -> list[str]:
+        """The rows still to do as _listing/*.parquet (replacing an earlier run's), so that the job reads
+        them in tasks instead of the driver holding and sending every row; returns their paths."""
+        self.remove_listing()
+        self.fs.makedirs(self.join(LISTING), exist_ok=True)
+        paths = []
+        for i, start in enumerate(range(0, table.num_rows, LISTING_ROWS_PER_FILE)):
+            paths.append(self.join(f"{LISTING}/listing-{i:05d}.parquet"))
+            with self.fs.open(paths[-1], "wb") as f:
+                pq.write_table(table.slice(start, LISTING_ROWS_PER_FILE), f, compression="snappy")
+        return paths
+
+    def remove_listing(self) -> None:
+        for path in self.fs.glob(self.join(f"{LISTING}/*.parquet")):
+            self.fs.rm_file(path)
+
+    def arrow_filesystem(self):
+        """This folder's filesystem as Ray Data's readers take it (None: local paths need none)."""
+        if self.is_local:
+            return None
+        return PyFileSystem(FSSpecHandler(self.fs))
+
     def clear(self) -> None:
+        self.remove_listing()
         heads = self.fs.glob(self.join("_text_head*.npy")) + self.fs.glob(self.join("_shards/*.json"))
         for path in self.parts() + self.leftovers() + heads + [self.join(n) for n in (MANIFEST, SUCCESS)]:
             if self.fs.exists(path):

@@ -68,6 +68,8 @@ def pending(listing: pa.Table, out: OutputDir, fmt: str) -> pa.Table:
     with the ids of its rows already written (``done``), for the reader to skip."""
     written = out.written_rows()
     if fmt == "images":
+        if not written.num_rows:  # no copy of a listing of millions
+            return listing
         return listing.filter(pc.invert(pc.is_in(listing["id"], value_set=written["id"].combine_chunks())))
     by_shard = written.group_by("source").aggregate([("id", "list")])
     done = dict(zip(by_shard["source"].to_pylist(), by_shard["id_list"].to_pylist()))

@@ -121,7 +121,10 @@ class Job:
             counter = _progress_counter()
             with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
                 dataset = self._dataset(todo, plan, members, heads, schema, counter)
-                dataset.write_datasink(sink)
+                try:
+                    dataset.write_datasink(sink)
+                finally:
+                    self.out.remove_listing()
             if stats:
                 print(dataset.stats(), flush=True)
         new_rows = sum(r["rows"] for r in sink.written)
@@ -151,15 +154,7 @@ class Job:
         inputs = self.spec.input
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
-        if self.format == "images":
-            rows = ray.data.from_blocks([todo.slice(i, ROWS_PER_BLOCK)
-                                         for i in range(0, todo.num_rows, ROWS_PER_BLOCK)])
-        else:  # one shard per block and per reader task
-            rows = ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
-                read_shards, batch_size=1, num_cpus=stage_cpus,
-                fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
-                           "image_column": inputs.image_column, "id_column": inputs.id_column,
-                           "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
+        rows = self.input_rows(todo, stage_cpus)
         configs = [json.dumps(c) for c in decode_configs([m.preprocess for m in members])]
         lanes = {"max_concurrent_calls_per_actor": plan.concurrent_batches, "enable_true_multi_threading": True} \
             if plan.concurrent_batches > 1 else {}
@@ -175,6 +170,19 @@ class Job:
                              fn_constructor_kwargs={"counter": counter, "members": members, "heads": heads,
                                                     "labeling": self.labeling, "schema": schema,
                                                     "device": plan.device, "torch_threads": plan.torch_threads}))
+
+    def input_rows(self, todo: pa.Table, cpus: float) -> ray.data.Dataset:
+        """The rows to decode: images read from the listing files by tasks (ten million rows never pass
+        through the driver), in small blocks so that every CPU gets work; shards read by reader tasks."""
+        if self.format == "images":
+            return ray.data.read_parquet(self.out.write_listing(todo), filesystem=self.out.arrow_filesystem()) \
+                .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+        inputs = self.spec.input
+        return ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
+            read_shards, batch_size=1, num_cpus=cpus,
+            fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
+                       "image_column": inputs.image_column, "id_column": inputs.id_column,
+                       "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
 
     def _finish(self, metadata: dict, members: list[Member], heads: list, plan: ComputePlan, cluster: Cluster,
                 new_rows: int, rate: float, started: float) -> RunSummary:

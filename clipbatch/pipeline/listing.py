@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 from braceexpand import braceexpand
 from fsspec.utils import glob_translate
 
@@ -105,25 +106,40 @@ def _find_one(entry: str, storage_options: dict, extensions: tuple[str, ...], le
 
 def _from_list_file(list_fs, path: str, storage_options: dict) -> _Found:
     """A text file of URIs, taken as they are (nothing is opened or checked: a missing file becomes an
-    error row). Relative entries are relative to the list file's folder."""
+    error row). Relative entries are relative to the list file's folder. Read by Arrow's CSV reader in
+    blocks, so ten million lines never become Python strings."""
     base = list_fs.unstrip_protocol(posixpath.dirname(path)) if not is_local(list_fs) else posixpath.dirname(path)
-    fs = None
-
-    def uris() -> Iterator[str]:
-        nonlocal fs
-        with list_fs.open(path, "r", encoding="utf-8") as f:
-            for line in f:
-                uri = line.strip()
-                if not uri or uri.startswith("#"):
-                    continue
-                uri = uri if "://" in uri or uri.startswith("/") else posixpath.join(base, uri)
-                fs = fs or filesystem_for(uri, storage_options)
-                yield fs._strip_protocol(uri)
-
-    chunks = _chunks(uris())
+    fs, chunks = None, []
+    with list_fs.open(path, "rb") as f:
+        # One column per line: no delimiter or quoting that a URI could contain.
+        reader = pa_csv.open_csv(
+            f, read_options=pa_csv.ReadOptions(column_names=["uri"], block_size=1 << 22, use_threads=False),
+            parse_options=pa_csv.ParseOptions(delimiter="\x1f", quote_char=False),
+            convert_options=pa_csv.ConvertOptions(column_types={"uri": pa.string()}, strings_can_be_null=False))
+        for batch in reader:
+            uris = pc.utf8_trim_whitespace(batch.column(0))
+            uris = uris.filter(pc.and_(pc.not_equal(uris, ""), pc.invert(pc.starts_with(uris, "#"))))
+            relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
+            uris = pc.if_else(relative, pc.binary_join_element_wise(base, uris, "/"), uris)
+            if len(uris):
+                fs = fs or filesystem_for(uris[0].as_py(), storage_options)
+                chunks.append(_strip_protocol(fs, uris))
     if not chunks:
         return _Found(list_fs, "", [])
     return _Found(fs, _common_dir_of(chunks), chunks)
+
+
+def _strip_protocol(fs, uris: pa.Array) -> pa.Array:
+    """fsspec's _strip_protocol for every URI: sliced in Arrow where all share the usual prefix."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = f"{protocol}://"
+    if not is_local(fs) and pc.all(pc.starts_with(uris, prefix)).as_py() and \
+            not pc.any(pc.ends_with(uris, "/")).as_py():
+        return pc.utf8_slice_codeunits(uris, len(prefix))
+    if is_local(fs) and pc.all(pc.starts_with(uris, "/")).as_py() and \
+            not pc.any(pc.match_substring_regex(uris, r"//|/\./|/\.\./|/$")).as_py():
+        return uris
+    return pa.array([fs._strip_protocol(u) for u in uris.to_pylist()], pa.string())
 
 
 def _common_dir_of(chunks: list[pa.Array]) -> str:
@@ -200,11 +216,29 @@ def list_images(spec: InputSpec) -> pa.Table:
         raise UserError(f"input.path: no {'images' if fmt == 'images' else fmt + ' shards'} found in {spec.path}")
     fs = found[0].fs
     root = found[0].root if len(found) == 1 else _common_dir([f.root + "/" for f in found])
-    paths = pc.unique(pa.chunked_array([c for f in found for c in f.files], pa.string()))
-    paths = paths.take(pc.sort_indices(paths))
+    paths = pa.chunked_array([c for f in found for c in f.files], pa.string())
+    del found
+    if paths.nbytes < 2**31:  # one array sorts without the concatenated copy that a chunked take makes
+        paths = pa.chunked_array([paths.combine_chunks()])
+    paths = _sorted_unique(paths)
+    # Ids are sliced from the sources so that the bare paths can be let go first (tens of millions of rows).
+    prefix = "" if is_local(fs) else fs.unstrip_protocol("x")[:-1]
+    sources = pc.binary_join_element_wise(prefix, paths, "") if prefix else paths
+    del paths
     if root:
-        ids = pc.utf8_slice_codeunits(paths, len(root.rstrip("/")) + 1)
+        ids = pc.utf8_slice_codeunits(sources, len(prefix) + len(root.rstrip("/")) + 1)
     else:
-        ids = pc.utf8_ltrim(paths, "/")
-    sources = paths if is_local(fs) else pc.binary_join_element_wise(fs.unstrip_protocol("x")[:-1], paths, "")
+        ids = pc.utf8_ltrim(pc.utf8_slice_codeunits(sources, len(prefix)), "/")
     return pa.table({"id": ids, "source": sources})
+
+
+def _sorted_unique(paths: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Sorted, each once: sorting first makes duplicates neighbours, cheaper than a hash table of
+    every path when there are tens of millions."""
+    paths = paths.take(pc.sort_indices(paths))
+    if len(paths) < 2:
+        return paths
+    differs = pc.not_equal(paths.slice(1), paths.slice(0, len(paths) - 1))
+    if pc.all(differs).as_py():
+        return paths
+    return paths.filter(pa.chunked_array([pa.array([True]), *differs.chunks]))
