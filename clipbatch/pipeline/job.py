@@ -38,7 +38,7 @@ from clipbatch.pipeline.decode import decode_configs, read_and_decode
 from clipbatch.pipeline.encoder import ClipEncoder
 from clipbatch.pipeline.listing import input_format, list_images
 from clipbatch.pipeline.plan import ACTOR_OVERHEAD_BYTES, ComputePlan, plan_for
-from clipbatch.pipeline.progress import ProgressCounter, ProgressReporter
+from clipbatch.pipeline.progress import ProgressCounter, ProgressReporter, ShardTotal
 from clipbatch.pipeline.session import Cluster, cluster_info, init_ray, wait_for_gpus
 from clipbatch.pipeline.shards import carried_name, read_shards
 from clipbatch.pipeline.sink import ParquetPartsDatasink
@@ -119,7 +119,9 @@ class Job:
         began = time.time()
         if todo.num_rows:
             counter = _progress_counter()
-            with ProgressReporter(lambda: ray.get(counter.read.remote()), todo.num_rows):
+            total = todo.num_rows if self.format == "images" else \
+                ShardTotal(todo.num_rows, pc.sum(pc.list_value_length(todo["done"])).as_py() or 0)
+            with ProgressReporter(lambda: ray.get(counter.read.remote()), total):
                 dataset = self._dataset(todo, plan, members, heads, schema, counter)
                 try:
                     dataset.write_datasink(sink)
@@ -154,7 +156,7 @@ class Job:
         inputs = self.spec.input
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
-        rows = self.input_rows(todo, stage_cpus)
+        rows = self.input_rows(todo, stage_cpus, counter)
         configs = [json.dumps(c) for c in decode_configs([m.preprocess for m in members])]
         lanes = {"max_concurrent_calls_per_actor": plan.concurrent_batches, "enable_true_multi_threading": True} \
             if plan.concurrent_batches > 1 else {}
@@ -171,7 +173,7 @@ class Job:
                                                     "labeling": self.labeling, "schema": schema,
                                                     "device": plan.device, "torch_threads": plan.torch_threads}))
 
-    def input_rows(self, todo: pa.Table, cpus: float) -> ray.data.Dataset:
+    def input_rows(self, todo: pa.Table, cpus: float, counter=None) -> ray.data.Dataset:
         """The rows to decode: images read from the listing files by tasks (ten million rows never pass
         through the driver), in small blocks so that every CPU gets work; shards read by reader tasks."""
         if self.format == "images":
@@ -179,9 +181,9 @@ class Job:
                 .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
         inputs = self.spec.input
         return ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
-            read_shards, batch_size=1, num_cpus=cpus,
-            fn_kwargs={"fmt": self.format, "storage_options": inputs.storage_options, "keep": inputs.keep,
-                       "image_column": inputs.image_column, "id_column": inputs.id_column,
+            _read_counted_shards, batch_size=1, num_cpus=cpus,
+            fn_kwargs={"counter": counter, "fmt": self.format, "storage_options": inputs.storage_options,
+                       "keep": inputs.keep, "image_column": inputs.image_column, "id_column": inputs.id_column,
                        "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
 
     def _finish(self, metadata: dict, members: list[Member], heads: list, plan: ComputePlan, cluster: Cluster,
@@ -239,6 +241,13 @@ def _progress_counter():
     """The job's counter actor, on the driver's node: losing a worker node never loses the count."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
+
+
+def _read_counted_shards(batch, counter, **kwargs):
+    """read_shards, telling the progress counter each shard's rows (how a shard job learns its size)."""
+    rows = yield from read_shards(batch, **kwargs)
+    if counter is not None:
+        counter.shard_read.remote(len(batch["id"]), rows)
 
 
 def _json_safe(value):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -21,34 +22,62 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def format_progress(done: int, total: int, errors: int, elapsed: float, rate: float, unit: str = "images") -> str:
+def format_progress(done: int, total: int | None, errors: int, elapsed: float, rate: float, unit: str = "images",
+                    shards: str = "") -> str:
+    """One progress line; total None while a shard job's size is not yet known."""
+    per_s = "img/s" if unit == "images" else f"{unit}/s"
+    if total is None:
+        return (f"clipbatch: {done:,} {unit}{shards}, {rate:,.1f} {per_s}, ETA ?, {errors:,} errors, "
+                f"{_duration(elapsed)} elapsed")
     pct = 100.0 * done / total if total else 100.0
     eta = _duration((total - done) / rate) if rate > 0 else "?"
-    per_s = "img/s" if unit == "images" else f"{unit}/s"
-    return (f"clipbatch: {done:,}/{total:,} {unit} ({pct:.1f}%), {rate:,.1f} {per_s}, ETA {eta}, "
+    about = "~" if shards else ""
+    return (f"clipbatch: {done:,}/{about}{total:,} {unit} ({pct:.1f}%){shards}, {rate:,.1f} {per_s}, ETA {eta}, "
             f"{errors:,} errors, {_duration(elapsed)} elapsed")
 
 
 class ProgressCounter:
     """Rows done so far: in a job a Ray actor (no CPU of its own) that every encoder adds to,
-    in relabel a plain object in the driver."""
+    in relabel a plain object in the driver. Shard readers add each shard they finish, with the
+    rows it holds, which is how a shard job learns its size."""
 
     def __init__(self):
         self.rows = 0
         self.errors = 0
+        self.shards = 0
+        self.shard_rows = 0
 
     def add(self, rows: int, errors: int) -> None:
         self.rows += rows
         self.errors += errors
 
-    def read(self) -> tuple[int, int]:
-        return self.rows, self.errors
+    def shard_read(self, shards: int, rows: int) -> None:
+        self.shards += shards
+        self.shard_rows += rows
+
+    def read(self) -> tuple[int, int, int, int]:
+        """(rows, errors, shards read, rows those shards hold)."""
+        return self.rows, self.errors, self.shards, self.shard_rows
+
+
+@dataclass(frozen=True)
+class ShardTotal:
+    """A shard job's size, known only as shards are read: the shards to do, and their rows already
+    written by an earlier run (which the readers skip)."""
+    shards: int
+    rows_done: int
+
+    def estimate(self, shards_read: int, shard_rows: int) -> int | None:
+        if not shards_read:
+            return None
+        return round(self.shards * shard_rows / shards_read) - self.rows_done
 
 
 class ProgressReporter:
-    """Context manager: prints progress from read() -> (rows, errors) until the block ends."""
+    """Context manager: prints progress from read() -> (rows, errors[, shards, shard rows]) until the
+    block ends. total is the rows to do, or a ShardTotal for a shard job."""
 
-    def __init__(self, read: Callable[[], tuple[int, int]], total: int, interval: float | None = None,
+    def __init__(self, read: Callable[[], tuple], total: int | ShardTotal, interval: float | None = None,
                  stream=None, unit: str = "images"):
         self.read, self.total, self.unit = read, total, unit
         self.stream = stream or sys.stderr
@@ -60,9 +89,15 @@ class ProgressReporter:
         self.first: tuple[float, int] | None = None  # (time, rows) when rows were first seen
 
     def _line(self) -> str:
-        done, errors = self.read()
+        done, errors, shards_read, shard_rows = (*self.read(), 0, 0)[:4]
+        if isinstance(self.total, ShardTotal):
+            total = self.total.estimate(shards_read, shard_rows)
+            shards = f", {min(shards_read, self.total.shards):,}/{self.total.shards:,} shards read"
+        else:
+            total, shards = self.total, ""
         # Batches that Ray ran again (their node was lost) are counted again: never show more than the total.
-        done, errors = min(done, self.total), min(errors, self.total)
+        if total is not None:
+            done, errors = min(done, total), min(errors, total)
         now = time.time()
         if done and self.first is None:
             self.first = (now, done)
@@ -71,7 +106,7 @@ class ProgressReporter:
             rate = (done - self.first[1]) / (now - self.first[0])
         else:
             rate = done / (now - self.started) if done else 0.0
-        return format_progress(done, self.total, errors, now - self.started, rate, self.unit)
+        return format_progress(done, total, errors, now - self.started, rate, self.unit, shards)
 
     def _print(self, final: bool = False) -> None:
         """One progress line: rewritten in place on a terminal, appended in a log."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from typing import Iterator
+from typing import Generator, Iterator
 
 import fsspec
 import numpy as np
@@ -157,9 +157,11 @@ def _read_parquet(f, shard_id: str, rows: _Rows, done: set, keep: list[str], ima
 
 def read_shards(batch: dict[str, np.ndarray], fmt: str, storage_options: dict, keep: list[str],
                 image_column: str = "image", id_column: str | None = None, output_url: str | None = None,
-                output_storage_options: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+                output_storage_options: dict | None = None) -> Generator[dict[str, np.ndarray], None, int]:
     """Ray Data batch of shards {id, source, done} -> batches of {id, source, data, error, <kept>}.
-    With output_url, each shard's row count is recorded there once the shard has been read."""
+    With output_url, each shard's row count is recorded there once the shard has been read.
+    Returns the rows the shards hold (those skipped as done included)."""
+    seen = 0
     for shard_id, source, done in zip(batch["id"], batch["source"], batch["done"]):
         shard_id = str(shard_id).removesuffix(".tar") if fmt == "webdataset" else str(shard_id)
         rows = _Rows(str(source), keep)
@@ -177,3 +179,5 @@ def read_shards(batch: dict[str, np.ndarray], fmt: str, storage_options: dict, k
             yield rows.flush()
         if output_url is not None:
             write_shard_record(OutputDir(output_url, output_storage_options or {}), str(source), rows.seen)
+        seen += rows.seen
+    return seen
