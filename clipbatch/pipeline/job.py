@@ -46,7 +46,8 @@ from clipbatch.spec import JobSpec, load_spec
 
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
-DECODE_CPUS = 0.5  # decode tasks beside GPU actors
+DECODE_CPUS = 0.5  # decode tasks beside GPU actors, and shard readers
+WRITE_CPUS = 0.5  # Parquet write tasks: the plan leaves one CPU per node for them and the shard readers
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Job:
             with ProgressReporter(lambda: ray.get(counter.read.remote()), total):
                 dataset = self._dataset(todo, plan, members, heads, schema, counter)
                 try:
-                    dataset.write_datasink(sink)
+                    dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
                 finally:
                     self.out.remove_listing()
             if stats:
@@ -156,7 +157,7 @@ class Job:
         inputs = self.spec.input
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
-        rows = self.input_rows(todo, stage_cpus, counter)
+        rows = self.input_rows(todo, counter)
         configs = [json.dumps(c) for c in decode_configs([m.preprocess for m in members])]
         lanes = {"max_concurrent_calls_per_actor": plan.concurrent_batches, "enable_true_multi_threading": True} \
             if plan.concurrent_batches > 1 else {}
@@ -171,20 +172,24 @@ class Job:
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
                              fn_constructor_kwargs={"counter": counter, "members": members, "heads": heads,
                                                     "labeling": self.labeling, "schema": schema,
-                                                    "device": plan.device, "torch_threads": plan.torch_threads}))
+                                                    "device": plan.device, "torch_threads": plan.torch_threads})
+)
 
-    def input_rows(self, todo: pa.Table, cpus: float, counter=None) -> ray.data.Dataset:
+    def input_rows(self, todo: pa.Table, counter=None) -> ray.data.Dataset:
         """The rows to decode: images read from the listing files by tasks (ten million rows never pass
         through the driver), in small blocks so that every CPU gets work; shards read by reader tasks."""
         if self.format == "images":
             return ray.data.read_parquet(self.out.write_listing(todo), filesystem=self.out.arrow_filesystem()) \
                 .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
         inputs = self.spec.input
+        # Readers are tasks of their own (half a CPU: mostly I/O) cut into small blocks: fused into the
+        # encoder, a task would take many whole shards and its rows reach the sink only at their end.
         return ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
-            _read_counted_shards, batch_size=1, num_cpus=cpus,
+            _read_counted_shards, batch_size=1, num_cpus=DECODE_CPUS,
             fn_kwargs={"counter": counter, "fmt": self.format, "storage_options": inputs.storage_options,
                        "keep": inputs.keep, "image_column": inputs.image_column, "id_column": inputs.id_column,
-                       "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options})
+                       "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options}) \
+            .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
     def _finish(self, metadata: dict, members: list[Member], heads: list, plan: ComputePlan, cluster: Cluster,
                 new_rows: int, rate: float, started: float) -> RunSummary:
