@@ -42,6 +42,12 @@ class S3Server:
     endpoint: str
     process: subprocess.Popen
     workdir: Path
+    command: list[str]
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the stopped server again: the same ports and the same data."""
+        self.process = _launch(self.command, self.workdir)
+        _wait_ready(self, timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -70,10 +76,19 @@ def start(workdir: Path, timeout: float = 60.0) -> S3Server:
            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-metricsPort={metrics}",
            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.port.iceberg={s3_iceberg}",
            f"-s3.port.lance={s3_lance}", f"-s3.config={config}"]
-    log = open(workdir / "weed.log", "wb")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3}", process, workdir)
+    server = S3Server(f"http://127.0.0.1:{s3}", _launch(cmd, workdir), workdir, cmd)
+    _wait_ready(server, timeout)
+    return server
+
+
+def _launch(cmd: list[str], workdir: Path) -> subprocess.Popen:
+    log = open(workdir / "weed.log", "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_ready(server: S3Server, timeout: float) -> None:
     deadline = time.time() + timeout
+    process, workdir = server.process, server.workdir
     import urllib.error
     import urllib.request
     while time.time() < deadline:
@@ -84,7 +99,7 @@ def start(workdir: Path, timeout: float = 60.0) -> S3Server:
         except urllib.error.HTTPError:
             # 403 to an anonymous request: the S3 gateway is up (and refuses anonymous access).
             if _bucket_ready(server):
-                return server
+                return
         except OSError:
             pass
         time.sleep(0.5)

@@ -8,6 +8,7 @@ Jobs (through the Ray sink), relabel and search all go through here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from clipbatch.errors import UserError, one_line
+from clipbatch.retry import retrying
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -76,7 +78,10 @@ class OutputDir:
         self.write_bytes(name, text.encode())
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a small file so that it appears whole."""
+        """Write a small file so that it appears whole (waiting for a store out of reach)."""
+        retrying(lambda: self._write_bytes(name, data))
+
+    def _write_bytes(self, name: str, data: bytes) -> None:
         target = self.join(name)
         if self.is_local:
             folder, base = posixpath.split(target)
@@ -164,11 +169,24 @@ def write_part(out: OutputDir, table: pa.Table, name: str) -> str:
     statistics over the embedding and scores values made writing many times slower (bench/reuse.py).
     """
     target = out.join(name)
-    staging = out.join(f".{name}.{uuid.uuid4().hex[:8]}.tmp") if out.is_local else target
+    return retrying(lambda: _write_part_once(out, table, target))
+
+
+def _write_part_once(out: OutputDir, table: pa.Table, target: str) -> str:
+    staging = out.join(f".{posixpath.basename(target)}.{uuid.uuid4().hex[:8]}.tmp") if out.is_local else target
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
-    with out.fs.open(staging, "wb") as f:
-        pq.write_table(table, f, use_dictionary=["source", "label", "error"], compression="snappy",
-                       write_statistics=scalar)
+    try:
+        with out.fs.open(staging, "wb") as f:
+            pq.write_table(table, f, use_dictionary=["source", "label", "error"], compression="snappy",
+                           write_statistics=scalar)
+    except OSError as exc:
+        if out.is_local and out.fs.exists(staging):
+            out.fs.rm_file(staging)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space left on the device of output.path {out.url} "
+                                     f"({table.num_rows:,} rows were being written; free space and run "
+                                     f"again: what was written is kept)") from None
+        raise
     if staging != target:
         out.fs.mv(staging, target)
     return target

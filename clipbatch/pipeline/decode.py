@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from clipbatch.errors import one_line
+from clipbatch.retry import is_transient, retrying
 
 # Marks width/height of rows that failed, until the encoder turns them into nulls.
 FAILED_SIZE = -1
@@ -123,14 +124,25 @@ def decode_image(data: bytes, preprocess_cfg_json: str, jpeg_draft: bool = False
 
 
 def fetch_all(sources: list[str], storage_options: dict) -> list:
-    """One fetch for the whole batch (concurrent on object stores), in order, failures as values.
+    """One fetch for the whole batch (concurrent on object stores), in order, failures as values
+    (a store out of reach is waited for instead).
 
     cat_ranges, unlike cat, never treats a name with [] or * in it as a glob.
     """
     if not sources:
         return []
     fs, _ = fsspec.core.url_to_fs(sources[0], **storage_options)
-    return fs.cat_ranges([fs._strip_protocol(s) for s in sources], None, None, on_error="return")
+    paths = [fs._strip_protocol(s) for s in sources]
+
+    def fetch() -> list:
+        results = fs.cat_ranges(paths, None, None, on_error="return")
+        # Storage out of reach is waited for (retry.py): it says nothing about the images.
+        unreachable = next((r for r in results if isinstance(r, BaseException) and is_transient(r)), None)
+        if unreachable is not None:
+            raise unreachable
+        return results
+
+    return retrying(fetch)
 
 
 def pixels_column(i: int) -> str:

@@ -47,6 +47,7 @@ from clipbatch.spec import JobSpec, load_spec
 ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5  # decode tasks beside GPU actors, and shard readers
+UNREACHABLE = "Could not connect to the endpoint URL"  # botocore's words, for Ray Data's readers to retry
 WRITE_CPUS = 0.5  # Parquet write tasks: the plan leaves one CPU per node for them and the shard readers
 
 
@@ -179,6 +180,8 @@ class Job:
         """The rows to decode: images read from the listing files by tasks (ten million rows never pass
         through the driver), in small blocks so that every CPU gets work; shards read by reader tasks."""
         if self.format == "images":
+            retried = ray.data.DataContext.get_current().retried_io_errors
+            retried.extend(e for e in [UNREACHABLE] if e not in retried)
             return ray.data.read_parquet(self.out.write_listing(todo), filesystem=self.out.arrow_filesystem()) \
                 .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
         inputs = self.spec.input

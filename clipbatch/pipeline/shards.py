@@ -29,6 +29,7 @@ from clipbatch.output.layout import OutputDir
 from clipbatch.output.resume import write_shard_record
 from clipbatch.pipeline.decode import NO_ERROR
 from clipbatch.pipeline.listing import IMAGE_EXTENSIONS
+from clipbatch.retry import Patience, is_transient
 
 ROWS_PER_BATCH = 64
 
@@ -51,6 +52,11 @@ class _Rows:
         self.source, self.keep = source, keep
         self.rows: list[tuple] = []
         self.seen = 0  # every row of the shard, including those skipped as done
+        self.handed_out: set[str] = set()  # ids already passed on, skipped when the shard is read again
+
+    def start_again(self) -> None:
+        """Before the shard is read again from its start: rows not yet handed out will be read again."""
+        self.rows, self.seen = [], 0
 
     def is_new(self, row_id: str, done: set) -> bool:
         self.seen += 1
@@ -64,6 +70,7 @@ class _Rows:
 
     def flush(self) -> dict[str, np.ndarray]:
         rows, self.rows = self.rows, []
+        self.handed_out.update(r[0] for r in rows)
         batch = {"id": np.array([r[0] for r in rows], dtype=object),
                  "source": np.array([self.source] * len(rows), dtype=object),
                  "data": np.array([r[1] for r in rows], dtype=object),
@@ -166,13 +173,23 @@ def read_shards(batch: dict[str, np.ndarray], fmt: str, storage_options: dict, k
         shard_id = str(shard_id).removesuffix(".tar") if fmt == "webdataset" else str(shard_id)
         rows = _Rows(str(source), keep)
         done = set(done) if done is not None else set()
+        patience = Patience()
         try:
-            with fsspec.open(str(source), "rb", **storage_options) as f:
-                if fmt == "webdataset":
-                    yield from _read_webdataset(f, shard_id, rows, done, keep)
-                else:
-                    yield from _read_parquet(f, shard_id, rows, done, keep, image_column, id_column)
+            while True:
+                try:
+                    with fsspec.open(str(source), "rb", **storage_options) as f:
+                        if fmt == "webdataset":
+                            yield from _read_webdataset(f, shard_id, rows, done | rows.handed_out, keep)
+                        else:
+                            yield from _read_parquet(f, shard_id, rows, done | rows.handed_out, keep, image_column,
+                                                     id_column)
+                    break
+                except Exception as exc:  # a store out of reach: wait, then read the shard again
+                    patience.wait_or_raise(exc)
+                    rows.start_again()
         except Exception as exc:  # a damaged shard: keep what was read, record the damage
+            if is_transient(exc):  # the store stayed out of reach: that is not the shard's damage
+                raise
             if rows.is_new(f"{shard_id}#error", done):
                 rows.add(f"{shard_id}#error", None, f"unreadable shard: {one_line(exc)}", {})
         if rows.rows:

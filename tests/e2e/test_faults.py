@@ -1,4 +1,5 @@
-"""Faults an overnight job meets, on a real local Ray: an encoder process killed mid-job."""
+"""Faults an overnight job meets, on a real local Ray: an encoder process killed mid-job, an error on
+every try, the object store gone for a while, a full output disk."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 
 import clipbatch
 import helpers
+import s3server
 from conftest import spec_dict
 
 N_IMAGES = 2000
+S3_IMAGES = 800  # uploaded to the S3 server
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,80 @@ def test_an_error_on_every_try_stops_the_job_in_one_line_and_a_rerun_finishes(sl
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == N_IMAGES + 1
+
+
+@pytest.fixture
+def own_s3(tmp_path):
+    """A SeaweedFS of this test's own: the test stops it."""
+    server = s3server.start(tmp_path / "seaweedfs")
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_the_object_store_gone_for_20_seconds_is_waited_for(own_s3, slow_job, tmp_path, ray_local):
+    """The S3 server is stopped for 20 s while a job reads its images from it and writes parts to it,
+    then started again on the same ports and data: the job finishes, every input once, and no image
+    became an error row for the outage."""
+    import s3fs
+
+    images, model = slow_job
+    fs = s3fs.S3FileSystem(endpoint_url=own_s3.endpoint, skip_instance_cache=True)
+    fs.mkdir("night")
+    fs.put(sorted(str(p) for p in images.glob("*.png"))[:S3_IMAGES], "night/images/")
+    spec = spec_dict("s3://night/images", model, "s3://night/out", output={"rows_per_part": 64})
+    spec["input"]["storage_options"] = spec["output"]["storage_options"] = {"endpoint_url": own_s3.endpoint}
+    finished: dict = {}
+    job = threading.Thread(target=lambda: finished.update(summary=clipbatch.run(spec)))
+    job.start()
+    deadline = time.time() + 240
+    while job.is_alive() and time.time() < deadline and len(fs.glob("night/out/part-*.parquet", refresh=True)) < 2:
+        time.sleep(0.5)
+    assert job.is_alive(), "the outage must fall while the job runs"
+    own_s3.stop()
+    time.sleep(20)
+    assert job.is_alive(), "the job waits for its store"
+    own_s3.restart()
+    job.join(timeout=400)
+    summary = finished["summary"]
+    assert summary.complete and summary.rows == S3_IMAGES and summary.errors == 0
+    fs.invalidate_cache()
+    ids = pq.read_table("night/out", filesystem=fs, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == S3_IMAGES
+
+
+@pytest.mark.slow
+def test_a_full_output_disk_stops_in_one_line_and_a_rerun_completes(slow_job, tmp_path, tiny_model):
+    """The output is a tmpfs too small for it: the job stops with one line naming the cause, no part is
+    left half-written, and once there is room a rerun writes the rest, every input once."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    images, _ = slow_job
+    out = tmp_path / "out"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(out)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"this machine cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(spec_dict(images, tiny_model, out, output={"rows_per_part": 64})))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        run = [sys.executable, "-m", "clipbatch.cli", "run", str(job)]
+        proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "no space left on the device of output.path" in last, proc.stderr[-3000:]
+        assert last.startswith("clipbatch: error: ") and "Traceback" not in proc.stderr.split("clipbatch: error:")[-1]
+        parts = list(out.glob("part-*.parquet"))
+        assert parts and all(pq.read_metadata(p).num_rows for p in parts)  # every part whole
+        assert not list(out.glob(".part-*")) and not (out / "_SUCCESS").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
+        assert len(ids) == len(set(ids)) == N_IMAGES and (out / "_SUCCESS").exists()
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)
