@@ -248,8 +248,8 @@ def compare(resumed: Path, reference: Path, sources: list[str]) -> dict:
     con = duckdb.connect()
     query = ("SELECT id, label, scores, embedding FROM read_parquet('{}/part-*.parquet') "
              "WHERE source IN (SELECT unnest(?)) ORDER BY id")
-    a = con.execute(query.format(resumed), [sources]).fetch_arrow_table()
-    b = con.execute(query.format(reference), [sources]).fetch_arrow_table()
+    a = con.execute(query.format(resumed), [sources]).to_arrow_table()
+    b = con.execute(query.format(reference), [sources]).to_arrow_table()
     same_ids = a["id"].to_pylist() == b["id"].to_pylist()
     ea = np.stack(a["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     eb = np.stack(b["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -296,6 +296,14 @@ def reading_back(output: Path) -> dict:
     return times
 
 
+def _checked(record: dict, key: str, compute) -> None:
+    """record[key] = compute(), or the error it raised: one failed analysis must not lose the runs."""
+    try:
+        record[key] = compute()
+    except Exception as exc:
+        record[key] = {"failed": f"{type(exc).__name__}: {exc}"}
+
+
 def rehearse(corpus: Path, work: Path, interval: float) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tars = sorted((corpus / "shards").glob("*.tar"))
@@ -303,38 +311,45 @@ def rehearse(corpus: Path, work: Path, interval: float) -> dict:
     total = len(tars) * per_shard
     big = write_spec(work, "million", [str(t) for t in tars], "webdataset")
     first = launch(big, work / "million-1.log", kill_at_rows=total // 2, interval=interval)
+    save("run", {"partial": "first run", "first_run": first})
     parts_at_kill = sorted(p.name for p in (work / "million").glob("part-*.parquet"))
     second = launch(big, work / "million-2.log", interval=interval)
-    samples = first["samples"] + [{**s, "t": s["t"] + first["seconds"]} for s in second["samples"]]
-    cut = cut_shards(work / "million", parts_at_kill, per_shard)[:2]
-    reference = compare(work / "million", _reference(work, cut, interval), cut) if cut else {}
+    save("run", {"partial": "rerun", "first_run": first, "rerun": second})
     done = first["rows_at_end"]
-    resumed_first_row = next((s["t"] for s in second["samples"] if s["rows"] > first["rows_at_end"]), None)
-    record = {
+    record: dict = {
         "images": total, "shards": len(tars),
         "first_run": {k: v for k, v in first.items() if k not in ("samples", "progress")},
         "rerun": {**{k: v for k, v in second.items() if k not in ("samples", "progress")},
-                  "first_new_row_s": resumed_first_row},
-        "memory_first_run_10_vs_kill": memory(first["samples"], total * 0.1),
-        "memory_rerun_10_vs_100": memory(second["samples"], done + (total - done) * 0.1),
-        "rate_10_20": rate_between(first["samples"], total * 0.1, total * 0.2),
-        "rate_40_50": rate_between(first["samples"], total * 0.4, total * 0.49),
-        "rate_90_100": rate_between(second["samples"], total * 0.9, total),
-        "eta_first_run": eta_at_10(first, total, None),
-        "exactly_once": exactly_once(work / "million", len(tars), per_shard),
-        "cut_shards": cut, "resumed_vs_uninterrupted": reference,
-        "reading_back": reading_back(work / "million"),
-        "samples": samples, "progress": first["progress"] + second["progress"]}
-    record["eta_first_run"]["real_rate_10_to_kill"] = rate_between(first["samples"], total * 0.1, total * 0.49)
+                  "first_new_row_s": next((s["t"] for s in second["samples"] if s["rows"] > done), None)},
+        "samples": first["samples"] + [{**s, "t": s["t"] + first["seconds"]} for s in second["samples"]],
+        "progress": first["progress"] + second["progress"]}
+    _checked(record, "memory_first_run_10_vs_kill", lambda: memory(first["samples"], total * 0.1))
+    _checked(record, "memory_rerun_10_vs_100", lambda: memory(second["samples"], done + (total - done) * 0.1))
+    _checked(record, "rates", lambda: {
+        "first_run_10_20": rate_between(first["samples"], total * 0.1, total * 0.2),
+        "first_run_40_49": rate_between(first["samples"], total * 0.4, total * 0.49),
+        "rerun_first_10pct_of_its_rows": rate_between(second["samples"], done, done + (total - done) * 0.1),
+        "rerun_60_70": rate_between(second["samples"], total * 0.6, total * 0.7),
+        "last_10pct_90_100": rate_between(second["samples"], total * 0.9, total)})
+    _checked(record, "eta_first_run", lambda: {**eta_at_10(first, total, None),
+             "real_rate_10_to_kill": rate_between(first["samples"], total * 0.1, total * 0.49)})
+    _checked(record, "exactly_once", lambda: exactly_once(work / "million", len(tars), per_shard))
+    cut = cut_shards(work / "million", parts_at_kill, per_shard)[:2]
+    record["cut_shards"] = cut
+    _checked(record, "resumed_vs_uninterrupted",
+             lambda: compare(work / "million", _reference(work, cut, interval), cut) if cut else {})
+    _checked(record, "reading_back", lambda: reading_back(work / "million"))
+    save("run", {"partial": "million done", **record})
     loose_n = sum(1 for _ in (corpus / "loose").rglob("*.jpg"))
     loose = launch(write_spec(work, "loose", str(corpus / "loose")), work / "loose.log", interval=interval)
     done_t = _rows_at(loose["samples"], loose_n) or (loose["samples"][-1]["t"] if loose["samples"] else None)
     record["loose"] = {**{k: v for k, v in loose.items() if k not in ("samples", "progress")}, "images": loose_n,
-                       "memory_10_vs_100": memory(loose["samples"], loose_n * 0.1),
-                       "rate_10_20": rate_between(loose["samples"], loose_n * 0.1, loose_n * 0.2),
-                       "rate_90_100": rate_between(loose["samples"], loose_n * 0.9, loose_n),
-                       "eta_at_10": eta_at_10(loose, loose_n, done_t),
                        "samples": loose["samples"], "progress": loose["progress"]}
+    _checked(record["loose"], "memory_10_vs_100", lambda: memory(loose["samples"], loose_n * 0.1))
+    _checked(record["loose"], "rates", lambda: {
+        "10_20": rate_between(loose["samples"], loose_n * 0.1, loose_n * 0.2),
+        "90_100": rate_between(loose["samples"], loose_n * 0.9, loose_n)})
+    _checked(record["loose"], "eta_at_10", lambda: eta_at_10(loose, loose_n, done_t))
     return record
 
 
@@ -374,6 +389,8 @@ def listing_child(uris: Path, work: Path) -> None:
     init_ray()
     ready = time.time() - began
     rows = job.input_rows(todo).map_batches(lambda batch: batch, batch_size=32)  # a do-nothing read
+    del todo
+    job.forget_sources()  # as Job.run does once the listing files are written
     first = next(iter(rows.iter_batches(batch_size=32)))
     first_batch = time.time() - began
     job.out.remove_listing()

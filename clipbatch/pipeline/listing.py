@@ -218,6 +218,7 @@ def list_images(spec: InputSpec) -> pa.Table:
     root = found[0].root if len(found) == 1 else _common_dir([f.root + "/" for f in found])
     paths = pa.chunked_array([c for f in found for c in f.files], pa.string())
     del found
+    pa.default_memory_pool().release_unused()  # what reading the list file left behind
     if paths.nbytes < 2**31:  # one array sorts without the concatenated copy that a chunked take makes
         paths = pa.chunked_array([paths.combine_chunks()])
     paths = _sorted_unique(paths)
@@ -229,7 +230,10 @@ def list_images(spec: InputSpec) -> pa.Table:
         ids = pc.utf8_slice_codeunits(sources, len(prefix) + len(root.rstrip("/")) + 1)
     else:
         ids = pc.utf8_ltrim(pc.utf8_slice_codeunits(sources, len(prefix)), "/")
-    return pa.table({"id": ids, "source": sources})
+    listing = pa.table({"id": ids, "source": sources})
+    del ids, sources
+    pa.default_memory_pool().release_unused()  # the sort's copies
+    return listing
 
 
 def _sorted_unique(paths: pa.ChunkedArray) -> pa.ChunkedArray:
