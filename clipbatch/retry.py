@@ -9,6 +9,7 @@ itself (missing, forbidden, undecodable, a full disk) are never retried.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Callable, TypeVar
@@ -23,9 +24,15 @@ _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTim
                     "FSTimeoutError"}
 
 
+# What s3fs makes of an object store's 500 InternalError and 503 SlowDown/ServiceUnavailable: a store that
+# is restarting answers these for a while (SeaweedFS while it finds its volumes again).
+_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT}
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether exc says the storage could not be reached, rather than something about the file."""
     return isinstance(exc, (ConnectionError, TimeoutError)) or \
+        (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS) or \
         any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__)
 
 

@@ -114,7 +114,7 @@ def _bucket_ready(server: S3Server) -> bool:
     fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=server.endpoint,
                            client_kwargs={"region_name": "us-east-1"}, skip_instance_cache=True)
     try:
-        fs.mkdir("probe")
+        fs.makedirs("probe", exist_ok=True)  # exists already when the server is started again
         fs.pipe_file("probe/x", b"1")
         return fs.cat_file("probe/x") == b"1"
     except Exception:

@@ -16,6 +16,7 @@ class EndpointConnectionError(Exception):
 @pytest.mark.parametrize("exc, transient", [
     (ConnectionRefusedError(), True), (TimeoutError(), True), (EndpointConnectionError("down"), True),
     (FileNotFoundError("x"), False), (PermissionError("x"), False), (ValueError("bad JPEG"), False),
+    (OSError(errno.EREMOTEIO, "InternalError"), True), (OSError(errno.EBUSY, "SlowDown"), True),
     (OSError(errno.ENOSPC, "No space left on device"), False)])
 def test_what_is_transient(exc, transient):
     assert is_transient(exc) is transient
