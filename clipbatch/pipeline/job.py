@@ -235,8 +235,8 @@ class Job:
         prompts = self.prompts
         custom = f"; {len(prompts.custom)} class(es) with synonyms or own prompts" if prompts.custom else ""
         lines = [f"job        {s.name}",
-                 f"images     {n:,} found in {s.input.path}" if self.format == "images" else
-                 f"shards     {n:,} {self.format} shards found in {s.input.path}",
+                 f"images     {n:,} found in {_paths(s.input.path)}" if self.format == "images" else
+                 f"shards     {n:,} {self.format} shards found in {_paths(s.input.path)}",
                  *[f"           {i}" for i in sources],
                  *(["           ..."] if n > sample else []),
                  f"classes    {len(prompts.names)}: {', '.join(prompts.names[:10])}"
@@ -276,6 +276,13 @@ def _read_counted_shards(batch, counter, **kwargs):
     rows = yield from read_shards(batch, **kwargs)
     if counter is not None:
         counter.shard_read.remote(len(batch["id"]), rows)
+
+
+def _paths(path: str | list[str]) -> str:
+    """input.path as one short line: a long list is shown by its first and last entries."""
+    if isinstance(path, str) or len(path) <= 3:
+        return str(path)
+    return f"{len(path):,} paths: {path[0]} ... {path[-1]}"
 
 
 def _json_safe(value):
