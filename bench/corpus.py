@@ -12,15 +12,20 @@ from PIL import Image, ImageFilter
 SIZES = [(640, 480), (1024, 768)]
 
 
-def _make_one(args) -> Path:
-    folder, i, (w, h), seed, quality = args
+def photo(i: int, w: int, h: int, seed: int = 0) -> Image.Image:
+    """Image i: smooth random blobs plus grain, which compresses and decodes like a photo."""
     rng = np.random.default_rng([seed, i])
     small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
     img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
     pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, size=(h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _make_one(args) -> Path:
+    folder, i, (w, h), seed, quality = args
     path = folder / f"{i // 1000:03d}" / f"img{i:06d}.jpg"
     path.parent.mkdir(exist_ok=True)
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
+    photo(i, w, h, seed).save(path, quality=quality)
     return path
 
 

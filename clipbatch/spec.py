@@ -53,6 +53,7 @@ class InputSpec(_Strict):
     id_column: str | None = None
     keep: list[str] = Field(default_factory=list)
     jpeg_draft: bool = False
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     max_pixels: int = Field(100_000_000, ge=1)
     storage_options: StorageOptions = Field(default_factory=dict)
 

@@ -177,14 +177,16 @@ class LoadedModel:
         return None if bias is None else float(bias.item())
 
     def embed_images(self, pixels: np.ndarray):
-        """uint8 [B, H, W, 3] -> L2-normalized float32 embeddings [B, D] (a torch tensor on the device):
-        the model's mean/std normalization and precision applied on its device (decode never loads torch)."""
+        """uint8 [B, H, W, 3] (numpy, or a tensor decoded on the device) -> L2-normalized float32
+        embeddings [B, D] (a torch tensor on the device):
+        the model's mean/std normalization and precision applied on its device."""
         import torch
 
         mean = torch.tensor(self.preprocess_cfg["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess_cfg["std"], device=self.device).view(1, 3, 1, 1)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+        x = x.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         x = ((x - mean) / std).to(dtype)
         with torch.inference_mode():

@@ -8,6 +8,7 @@ actors, not one pool per model). Nothing here imports Ray, so tests call it dire
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -17,7 +18,8 @@ import torch
 
 from clipbatch.model.members import Member
 from clipbatch.model.scoring import Labeling, fixed_size_lists, label_columns, logits, mix
-from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_configs, pixels_column
+from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_configs, pixel_size, pixels_column
+from clipbatch.pipeline.device_decode import device_pixels
 
 
 class ClipEncoder:
@@ -38,6 +40,8 @@ class ClipEncoder:
         self.heads = [torch.tensor(np.asarray(h), dtype=torch.float32, device=self.device) for h in heads]
         configs = decode_configs([m.preprocess for m in members])
         self.pixels = [pixels_column(configs.index(m.preprocess)) if m.preprocess else "pixels" for m in members]
+        # What input.decode: gpu cuts to: the job's one preprocess config (the model's own when unset).
+        self.first_config = json.dumps(configs[0] or self.models[0].preprocess_cfg)
         self.carried = schema.names[schema.get_field_index("error") + 1:]
         self.chunk: int | None = None  # at most this many images per forward pass, once a batch ran out of memory
 
@@ -66,8 +70,15 @@ class ClipEncoder:
                 torch.cuda.empty_cache()
             return self._embed(model, pixels)
 
+    def _on_device(self, batch: dict[str, np.ndarray], errors: np.ndarray):
+        """input.decode: gpu: the batch's JPEGs decoded here, with the decode stage's raw pixels."""
+        size = pixel_size(self.first_config)
+        return device_pixels(batch["jpeg"], batch["orientation"], batch["pixels_raw"], self.first_config, size,
+                             self.device, errors)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = batch["error"].astype(str)
+        errors = np.array([str(e) for e in batch["error"]], dtype=object)
+        on_device = self._on_device(batch, errors) if "jpeg" in batch else None
         valid = errors == NO_ERROR
         n = len(errors)
         embeddings = {m.column: np.zeros((n, h.shape[1]), dtype=np.float32) for m, h in zip(self.members, self.heads)}
@@ -75,7 +86,9 @@ class ClipEncoder:
         if valid.any():
             member_logits = []
             for member, model, head, pixels in zip(self.members, self.models, self.heads, self.pixels):
-                emb = self._embed(model, np.ascontiguousarray(batch[pixels][valid]))
+                chosen = on_device[torch.from_numpy(valid).to(self.device)] if on_device is not None else \
+                    np.ascontiguousarray(batch[pixels][valid])
+                emb = self._embed(model, chosen)
                 member_logits.append(logits((emb @ head.T).cpu().numpy(), member))
                 embeddings[member.column][valid] = emb.cpu().numpy()
             probs = mix(member_logits, self.members, self.labeling.temperature)

@@ -34,7 +34,8 @@ from clipbatch.output import resume
 from clipbatch.output.finish import error_count, finish
 from clipbatch.output.layout import OutputDir
 from clipbatch.output.schema import output_metadata, output_schema
-from clipbatch.pipeline.decode import decode_configs, read_and_decode
+from clipbatch.pipeline.decode import decode_configs, read_and_decode, tensor_transform
+from clipbatch.pipeline.device_decode import read_for_device
 from clipbatch.pipeline.encoder import ClipEncoder
 from clipbatch.pipeline.listing import input_format, list_images
 from clipbatch.pipeline.plan import ACTOR_OVERHEAD_BYTES, ComputePlan, plan_for
@@ -92,6 +93,7 @@ class Job:
         self.listing = list_images(spec.input)
         self.out = OutputDir(spec.output.path, spec.output.storage_options)
         self.fingerprint = resume.fingerprint(spec, self.prompts)
+        self.decode_on_device = _decode_on_device(spec.input.decode, self.members)
 
     def run(self, stats: bool = False) -> RunSummary:
         started = time.time()
@@ -164,26 +166,32 @@ class Job:
 
     def _dataset(self, todo: pa.Table, plan: ComputePlan, members: list[Member], heads: list, schema: pa.Schema,
                  counter) -> ray.data.Dataset:
-        inputs = self.spec.input
         # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
         stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
         rows = self.input_rows(todo, counter)
-        configs = [json.dumps(c) for c in decode_configs([m.preprocess for m in members])]
         lanes = {"max_concurrent_calls_per_actor": plan.concurrent_batches, "enable_true_multi_threading": True} \
             if plan.concurrent_batches > 1 else {}
-        return (rows
-                .map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=stage_cpus,
-                             fn_kwargs={"preprocess_cfg_json": configs[0], "more_cfgs_json": tuple(configs[1:]),
-                                        "storage_options": inputs.storage_options, "jpeg_draft": inputs.jpeg_draft,
-                                        "max_pixels": inputs.max_pixels})
+        return (self._decoded(rows, [m.preprocess for m in members], stage_cpus)
                 .map_batches(CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
                                                                 **lanes),
                              num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
                              fn_constructor_kwargs={"counter": counter, "members": members, "heads": heads,
                                                     "labeling": self.labeling, "schema": schema,
-                                                    "device": plan.device, "torch_threads": plan.torch_threads})
-)
+                                                    "device": plan.device, "torch_threads": plan.torch_threads}))
+
+    def _decoded(self, rows: ray.data.Dataset, preprocess: list[dict], cpus: float) -> ray.data.Dataset:
+        """Rows with their pixels, or with input.decode: gpu their JPEGs' bytes for the encoder's device."""
+        inputs = self.spec.input
+        configs = [json.dumps(c) for c in decode_configs(preprocess)]
+        if self.decode_on_device:
+            return rows.map_batches(read_for_device, batch_size=DECODE_BATCH, num_cpus=cpus,
+                                    fn_kwargs={"preprocess_cfg_json": configs[0], "max_pixels": inputs.max_pixels,
+                                               "storage_options": inputs.storage_options})
+        return rows.map_batches(read_and_decode, batch_size=DECODE_BATCH, num_cpus=cpus,
+                                fn_kwargs={"preprocess_cfg_json": configs[0], "more_cfgs_json": tuple(configs[1:]),
+                                           "storage_options": inputs.storage_options,
+                                           "jpeg_draft": inputs.jpeg_draft, "max_pixels": inputs.max_pixels})
 
     def input_rows(self, todo: pa.Table, counter=None) -> ray.data.Dataset:
         """The rows to decode: images read from the listing files by tasks (ten million rows never pass
@@ -236,8 +244,8 @@ class Job:
         prompts = self.prompts
         custom = f"; {len(prompts.custom)} class(es) with synonyms or own prompts" if prompts.custom else ""
         lines = [f"job        {s.name}",
-                 f"images     {n:,} found in {s.input.path}" if self.format == "images" else
-                 f"shards     {n:,} {self.format} shards found in {s.input.path}",
+                 f"images     {n:,} found in {_paths(s.input.path)}" if self.format == "images" else
+                 f"shards     {n:,} {self.format} shards found in {_paths(s.input.path)}",
                  *[f"           {i}" for i in sources],
                  *(["           ..."] if n > sample else []),
                  f"classes    {len(prompts.names)}: {', '.join(prompts.names[:10])}"
@@ -254,6 +262,18 @@ class Job:
         return "\n".join(lines)
 
 
+def _decode_on_device(decode: str, members: list[Member]) -> bool:
+    """input.decode: gpu decodes JPEGs in the encoder (device_decode.py); auto stays on CPU until GPU
+    decode has been measured faster within the parity bar on a GPU (docs/performance.md)."""
+    if decode != "gpu":
+        return False
+    configs = decode_configs([m.preprocess for m in members])
+    if len(configs) > 1 or tensor_transform(json.dumps(configs[0])) is None:
+        raise UserError("input.decode: gpu needs every model of the job to take the same square, shortest-edge, "
+                        "bicubic or bilinear preprocess; use input.decode: cpu")
+    return True
+
+
 def _progress_counter():
     """The job's counter actor, on the driver's node: losing a worker node never loses the count."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
@@ -265,6 +285,13 @@ def _read_counted_shards(batch, counter, **kwargs):
     rows = yield from read_shards(batch, **kwargs)
     if counter is not None:
         counter.shard_read.remote(len(batch["id"]), rows)
+
+
+def _paths(path: str | list[str]) -> str:
+    """input.path as one short line: a long list is shown by its first and last entries."""
+    if isinstance(path, str) or len(path) <= 3:
+        return str(path)
+    return f"{len(path):,} paths: {path[0]} ... {path[-1]}"
 
 
 def _json_safe(value):

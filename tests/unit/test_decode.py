@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clipbatch.pipeline.decode import _geometric_transform, _open_clip_geometry, decode_image
 from helpers import encode, mixed_images
@@ -82,3 +83,38 @@ def test_unusual_modes_decode_to_rgb(kind):
         data = encode(base.convert("1"), "PNG")
     pixels, width, height = decode_image(data, cfg_json(size=32))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and (width, height) == (60, 40)
+
+
+def _reference_pixels(data: bytes, cfg: str) -> np.ndarray:
+    """open_clip's own eval transform on PIL, as uint8 HWC (exactly what the PIL path gives)."""
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    return np.asarray(_open_clip_geometry(PreprocessCfg(**json.loads(cfg)))(img))
+
+
+@pytest.mark.parametrize("size, interpolation", [(224, "bicubic"), (64, "bicubic"), (336, "bilinear")])
+def test_default_decode_is_within_two_levels_of_open_clip(tmp_path, size, interpolation):
+    """RGB and greyscale images (JPEG by torchvision, others by PIL) are resized by torch: pixels
+    within two levels of open_clip's PIL transform (torch's own bound; most are equal, a few
+    upscaled ones differ by 2), other modes take PIL's path exactly."""
+    cfg = cfg_json(size=size, interpolation=interpolation)
+    odd = [encode(Image.new("RGB", (w, h), (10, 200, 30)), "JPEG", quality=95)
+           for w, h in [(1, 1), (5, 900), (900, 5), (224, 224), (225, 223)]]
+    progressive = encode(Image.open(mixed_images(tmp_path / "p", n=5)[4]), "JPEG", progressive=True, quality=90)
+    for data in [p.read_bytes() for p in mixed_images(tmp_path, n=20)] + odd + [progressive]:
+        pixels, _, _ = decode_image(data, cfg)
+        expected = _reference_pixels(data, cfg)
+        assert pixels.shape == expected.shape
+        diff = np.abs(pixels.astype(int) - expected.astype(int))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.05, Image.open(io.BytesIO(data)).size
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pil(orientation):
+    rng = np.random.default_rng(orientation)
+    img = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).resize((160, 96))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", exif=exif, quality=95)
+    cfg = cfg_json(size=64)
+    pixels, _, _ = decode_image(data, cfg)
+    assert np.abs(pixels.astype(int) - _reference_pixels(data, cfg).astype(int)).max() <= 1
