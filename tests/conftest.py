@@ -157,4 +157,5 @@ def broken_images(images, tmp_path_factory):
 
 
 def broken_spec(images, model, out, **sections):
-    return spec_dict(images, model, out, input={"max_pixels": 10_000_000}, **sections)
+    inputs = {"max_pixels": 10_000_000, **sections.pop("input", {})}
+    return spec_dict(images, model, out, input=inputs, **sections)

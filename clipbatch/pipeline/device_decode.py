@@ -14,13 +14,28 @@ read becomes an error row with the CPU decode's message.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 
-from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_all, decode_image, fetch_all, image_error, \
-    read_header, tensor_transform
+from clipbatch.errors import UserError
+from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_all, decode_configs, decode_image, fetch_all, \
+    image_error, read_header, tensor_transform
 
 ORIENTATION = 0x0112  # the EXIF tag
+
+def on_device(decode: str, preprocess: list[dict]) -> bool:
+    """Whether a job decodes JPEGs on the encoder's device: input.decode gpu; auto stays on CPU until GPU
+    decode has been measured faster within the parity bar on a GPU (docs/performance.md)."""
+    if decode != "gpu":
+        return False
+    configs = decode_configs(preprocess)
+    if len(configs) > 1 or tensor_transform(json.dumps(configs[0])) is None:
+        raise UserError("input.decode: gpu needs every model of the job to take the same square, shortest-edge, "
+                        "bicubic or bilinear preprocess; use input.decode: cpu")
+    return True
+
 
 def takes(img: Image.Image) -> bool:
     """Whether the device decodes this image (opened, not decoded): baseline RGB or greyscale JPEGs;

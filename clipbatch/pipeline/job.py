@@ -34,8 +34,8 @@ from clipbatch.output import resume
 from clipbatch.output.finish import error_count, finish
 from clipbatch.output.layout import OutputDir
 from clipbatch.output.schema import output_metadata, output_schema
-from clipbatch.pipeline.decode import decode_configs, read_and_decode, tensor_transform
-from clipbatch.pipeline.device_decode import read_for_device
+from clipbatch.pipeline.decode import decode_configs, read_and_decode
+from clipbatch.pipeline.device_decode import on_device, read_for_device
 from clipbatch.pipeline.encoder import ClipEncoder
 from clipbatch.pipeline.listing import input_format, list_images
 from clipbatch.pipeline.plan import ACTOR_OVERHEAD_BYTES, ComputePlan, plan_for
@@ -93,7 +93,6 @@ class Job:
         self.listing = list_images(spec.input)
         self.out = OutputDir(spec.output.path, spec.output.storage_options)
         self.fingerprint = resume.fingerprint(spec, self.prompts)
-        self.decode_on_device = _decode_on_device(spec.input.decode, self.members)
 
     def run(self, stats: bool = False) -> RunSummary:
         started = time.time()
@@ -184,7 +183,7 @@ class Job:
         """Rows with their pixels, or with input.decode: gpu their JPEGs' bytes for the encoder's device."""
         inputs = self.spec.input
         configs = [json.dumps(c) for c in decode_configs(preprocess)]
-        if self.decode_on_device:
+        if on_device(inputs.decode, preprocess):  # the members' preprocess is known once they are loaded
             return rows.map_batches(read_for_device, batch_size=DECODE_BATCH, num_cpus=cpus,
                                     fn_kwargs={"preprocess_cfg_json": configs[0], "max_pixels": inputs.max_pixels,
                                                "storage_options": inputs.storage_options})
@@ -260,18 +259,6 @@ class Job:
                      if s.compute.device == "auto" else f"device     {s.compute.device}")
         lines.append(f"output     {self.out.url} (mode {s.output.mode})")
         return "\n".join(lines)
-
-
-def _decode_on_device(decode: str, members: list[Member]) -> bool:
-    """input.decode: gpu decodes JPEGs in the encoder (device_decode.py); auto stays on CPU until GPU
-    decode has been measured faster within the parity bar on a GPU (docs/performance.md)."""
-    if decode != "gpu":
-        return False
-    configs = decode_configs([m.preprocess for m in members])
-    if len(configs) > 1 or tensor_transform(json.dumps(configs[0])) is None:
-        raise UserError("input.decode: gpu needs every model of the job to take the same square, shortest-edge, "
-                        "bicubic or bilinear preprocess; use input.decode: cpu")
-    return True
 
 
 def _progress_counter():

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -167,3 +168,20 @@ def test_a_listing_of_missing_folder_and_dangling_uris_gives_error_rows(images, 
     rows = {r["source"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert all(rows[s]["error"] is None and rows[s]["label"] for s in good)
     assert all(rows[s]["error"] and rows[s]["label"] is None for s in bad), {s: rows[s]["error"] for s in bad}
+
+
+def test_decode_on_the_device_gives_the_same_rows(finished, broken_images, tiny_model, tmp_path):
+    """input.decode: gpu through the whole job (on the CPU device here): the same error rows with the
+    same messages, the same labels, embeddings within the parity bar."""
+    out, _ = finished
+    summary = clipbatch.run(broken_spec(broken_images, tiny_model, tmp_path / "out", labels={"top_k": 3},
+                                        input={"decode": "gpu"}))
+    assert summary.complete
+    cpu, device = (pq.read_table(p).sort_by("id") for p in (out, tmp_path / "out"))
+    assert device["id"].to_pylist() == cpu["id"].to_pylist()
+    assert device["error"].to_pylist() == cpu["error"].to_pylist()
+    assert device["label"].to_pylist() == cpu["label"].to_pylist()
+    ok = [e is None for e in cpu["error"].to_pylist()]
+    a, b = (np.stack(t.filter(ok)["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+            for t in (cpu, device))
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() >= 0.999
