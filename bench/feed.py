@@ -146,7 +146,7 @@ class PeakRss(threading.Thread):
                     self.worker = max(self.worker, p.info["memory_info"].rss / 2**20)
 
 
-def run_job(job: Path, env: dict, stats: bool = False) -> dict:
+def run_job(job: Path, env: dict, stats: bool = False, images: int = 1) -> dict:
     began = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "clipbatch.cli", "run", str(job), *(["--stats"] if stats else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -157,28 +157,27 @@ def run_job(job: Path, env: dict, stats: bool = False) -> dict:
     if proc.returncode:
         sys.exit(f"clipbatch run failed:\n{out[-3000:]}")
     return {"seconds": time.time() - began, "driver_mb": round(rss.driver), "worker_mb": round(rss.worker),
-            "stage_cpu_ms": stage_cpu_ms(out) if stats else {}}
+            "stage_cpu_ms": stage_cpu_ms(out, images) if stats else {}}
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def stage_cpu_ms(stats: str) -> dict:
-    """Ray Data's 'Remote cpu time ... total' per operator over its output rows: CPU-ms per image."""
+def stage_cpu_ms(stats: str, images: int) -> dict:
+    """Ray Data's 'Remote cpu time ... total' per operator over the job's images: CPU-ms per image."""
     result = {}
     for block in re.split(r"\nOperator \d+ ", stats)[1:]:
         name = block.split(":")[0]
         cpu = re.search(r"Remote cpu time: .*?([\d.]+)(us|ms|s) total", block)
-        rows = re.search(r"Total output num rows: (\d+)", block)
-        if cpu and rows and int(rows[1]):
-            result[name] = round(float(cpu[1]) * _UNITS[cpu[2]] / int(rows[1]), 3)
+        if cpu:
+            result[name] = round(float(cpu[1]) * _UNITS[cpu[2]] / images, 3)
     return result
 
 
 def steady(jobs: dict[int, Path], env: dict) -> dict:
     (n, small), (_, large) = sorted(jobs.items())
     first = run_job(small, env)
-    second = run_job(large, env, stats=True)
+    second = run_job(large, env, stats=True, images=2 * n)
     rate = n / (second["seconds"] - first["seconds"])
     return {"steady_img_per_s": round(rate, 1), "start_up_s": round(first["seconds"] - n / rate, 1),
             "t_n_s": round(first["seconds"], 1), "t_2n_s": round(second["seconds"], 1),
@@ -205,13 +204,14 @@ def gpu_node_layout(jobs: dict[int, Path], env: dict) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--num-gpus=1", f"--port={port}",
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", f"--num-cpus={os.cpu_count()}", "--num-gpus=1", f"--port={port}",
                     "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True, env=env)
     try:
         return steady(jobs, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
 
 
 def parity_sample(output: Path, model: str, paths: list[Path], sample: int = 100) -> dict:

@@ -91,7 +91,7 @@ def measured(work: Path, paths: list[Path], model: str, n: int, decode: str, bat
     first = run_job(job(work, paths, model, n, decode, batch), env)
     gpu = GpuUtilization()
     gpu.start()
-    second = run_job(job(work, paths, model, 2 * n, decode, batch), env, stats=True)
+    second = run_job(job(work, paths, model, 2 * n, decode, batch), env, stats=True, images=2 * n)
     steady = n / (second["seconds"] - first["seconds"])
     return {"images": 2 * n, "steady_img_per_s": round(steady, 1),
             "end_to_end_img_per_s": round(2 * n / second["seconds"], 1),
@@ -108,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n_b32, n_l14 = (100, 16) if args.dry_run else (25_000, 5_000)
+    n_b32, n_l14 = (20, 4) if args.dry_run else (25_000, 5_000)
     work = Path("/tmp/gpu-check")
     work.mkdir(parents=True, exist_ok=True)
     record: dict = {"bench": "gpu_check", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
