@@ -182,8 +182,10 @@ def decode_all(data: bytes, cfgs: list[str], jpeg_draft: bool, draft_size: int,
 def _jpeg_tensor(data: bytes):
     """A JPEG as an upright RGB uint8 CHW tensor by torchvision, or None where it declines the file."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # a torchvision without its (deprecated) image decoders: PIL decodes
+        return None
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                            apply_exif_orientation=True)
