@@ -256,6 +256,14 @@ def decode_configs(preprocess_cfgs: list[dict]) -> list[dict]:
     return [c for i, c in enumerate(preprocess_cfgs) if c not in preprocess_cfgs[:i]]
 
 
+def batch_contents(batch: dict[str, np.ndarray], storage_options: dict) -> tuple[list, np.ndarray]:
+    """(each row's bytes or the exception fetching it raised, each row's error so far): shard rows
+    bring their bytes and the reader's error; image rows are fetched here."""
+    if "data" in batch:
+        return batch["data"], np.array([str(e) if e else NO_ERROR for e in batch["error"]], dtype=object)
+    return fetch_all([str(s) for s in batch["source"]], storage_options), np.full(len(batch["id"]), NO_ERROR, object)
+
+
 def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
                     storage_options: dict, jpeg_draft: bool = False,
                     max_pixels: int | None = None, more_cfgs_json: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -273,12 +281,7 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
     draft_size = _draft_size(cfgs)
     widths = np.full(n, FAILED_SIZE, dtype=np.int32)
     heights = np.full(n, FAILED_SIZE, dtype=np.int32)
-    if "data" in batch:
-        contents = batch["data"]
-        errors = np.array([str(e) if e else NO_ERROR for e in batch["error"]], dtype=object)
-    else:
-        contents = fetch_all([str(s) for s in batch["source"]], storage_options)
-        errors = np.full(n, NO_ERROR, dtype=object)
+    contents, errors = batch_contents(batch, storage_options)
     for i, data in enumerate(contents):
         if errors[i] != NO_ERROR:
             continue

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from clipbatch.errors import UserError
-from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_all, decode_configs, decode_image, fetch_all, \
+from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, batch_contents, decode_all, decode_configs, decode_image, \
     image_error, read_header, tensor_transform
 
 ORIENTATION = 0x0112  # the EXIF tag
@@ -50,10 +50,7 @@ def read_for_device(batch: dict[str, np.ndarray], preprocess_cfg_json: str, stor
     height, error, jpeg (a baseline JPEG's bytes, for the device), orientation, pixels_raw (the pixels
     of any other image, decoded here)."""
     n = len(batch["id"])
-    if "data" in batch:
-        contents, errors = batch["data"], np.array([str(e) if e else NO_ERROR for e in batch["error"]], dtype=object)
-    else:
-        contents, errors = fetch_all([str(s) for s in batch["source"]], storage_options), np.full(n, NO_ERROR, object)
+    contents, errors = batch_contents(batch, storage_options)
     jpegs, raws = np.full(n, b"", dtype=object), np.full(n, b"", dtype=object)
     orientations = np.ones(n, dtype=np.int8)
     widths, heights = np.full(n, FAILED_SIZE, dtype=np.int32), np.full(n, FAILED_SIZE, dtype=np.int32)

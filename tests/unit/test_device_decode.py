@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -39,17 +40,18 @@ def test_baseline_jpegs_go_to_the_device_and_the_rest_are_decoded_here(broken_im
             assert error == cpu_error, source
 
 
-def test_device_pixels_match_the_cpu_decode(broken_images):
-    batch = _batch(broken_images)
-    good = next(broken_images.rglob("*.jpg")).read_bytes()
+def test_device_pixels_match_the_cpu_decode(broken_images, tmp_path):
+    folder = tmp_path / "images"  # a copy: the session's broken images are shared with other tests
+    shutil.copytree(broken_images, folder)
+    good = next(folder.rglob("*.jpg")).read_bytes()
     for orientation in (3, 6, 8):  # upright as the CPU decode makes them
         exif = Image.Exif()
         exif[0x0112] = orientation
-        name = broken_images / "bad" / f"turned{orientation}.jpg"
+        name = folder / "bad" / f"turned{orientation}.jpg"
         name.write_bytes(encode(Image.open(io.BytesIO(good)), "JPEG", exif=exif, quality=95))
-    progressive = broken_images / "bad" / "progressive.jpg"
+    progressive = folder / "bad" / "progressive.jpg"
     progressive.write_bytes(encode(Image.open(io.BytesIO(good)), "JPEG", progressive=True))
-    batch = _batch(broken_images)
+    batch = _batch(folder)
     cols = read_for_device(batch, CFG, {})
     errors = cols["error"].copy()
     pixels = device_pixels(cols["jpeg"], cols["orientation"], cols["pixels_raw"], CFG, (64, 64), "cpu", errors)
