@@ -264,6 +264,20 @@ def batch_contents(batch: dict[str, np.ndarray], storage_options: dict) -> tuple
     return fetch_all([str(s) for s in batch["source"]], storage_options), np.full(len(batch["id"]), NO_ERROR, object)
 
 
+def for_each_image(contents, errors: np.ndarray, handle) -> None:
+    """handle(i, data) for each row without an error yet; whatever it (or the row's fetch) raised
+    becomes that row's error: one image's failure never stops its batch."""
+    for i, data in enumerate(contents):
+        if errors[i] != NO_ERROR:
+            continue
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            handle(i, data)
+        except Exception as exc:
+            errors[i] = image_error(exc)
+
+
 def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
                     storage_options: dict, jpeg_draft: bool = False,
                     max_pixels: int | None = None, more_cfgs_json: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -282,17 +296,13 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocess_cfg_json: str,
     widths = np.full(n, FAILED_SIZE, dtype=np.int32)
     heights = np.full(n, FAILED_SIZE, dtype=np.int32)
     contents, errors = batch_contents(batch, storage_options)
-    for i, data in enumerate(contents):
-        if errors[i] != NO_ERROR:
-            continue
-        try:
-            if isinstance(data, BaseException):
-                raise data
-            cut, widths[i], heights[i] = decode_all(data, cfgs, jpeg_draft, draft_size, max_pixels)
-            for out, one in zip(pixels, cut):
-                out[i] = one
-        except Exception as exc:  # any failure of one image becomes that image's error
-            errors[i] = image_error(exc)
+
+    def decode(i: int, data: bytes) -> None:
+        cut, widths[i], heights[i] = decode_all(data, cfgs, jpeg_draft, draft_size, max_pixels)
+        for out, one in zip(pixels, cut):
+            out[i] = one
+
+    for_each_image(contents, errors, decode)
     passed = {k: v for k, v in batch.items() if k not in ("data", "error")}
     return {**passed, "width": widths, "height": heights, "error": errors,
             **{pixels_column(k): p for k, p in enumerate(pixels)}}

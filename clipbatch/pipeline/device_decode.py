@@ -21,7 +21,7 @@ from PIL import Image
 
 from clipbatch.errors import UserError
 from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, batch_contents, decode_all, decode_configs, decode_image, \
-    image_error, read_header, tensor_transform
+    for_each_image, image_error, read_header, tensor_transform
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -54,21 +54,17 @@ def read_for_device(batch: dict[str, np.ndarray], preprocess_cfg_json: str, stor
     jpegs, raws = np.full(n, b"", dtype=object), np.full(n, b"", dtype=object)
     orientations = np.ones(n, dtype=np.int8)
     widths, heights = np.full(n, FAILED_SIZE, dtype=np.int32), np.full(n, FAILED_SIZE, dtype=np.int32)
-    for i, data in enumerate(contents):
-        if errors[i] != NO_ERROR:
-            continue
-        try:
-            if isinstance(data, BaseException):
-                raise data
-            img, widths[i], heights[i] = read_header(data, max_pixels)
-            with img:
-                if takes(img):
-                    jpegs[i], orientations[i] = data, int(img.getexif().get(ORIENTATION) or 1)
-                    continue
-            (pixels,), _, _ = decode_all(data, [preprocess_cfg_json], False, 0, max_pixels)
-            raws[i] = pixels.tobytes()
-        except Exception as exc:  # any failure of one image becomes that image's error
-            errors[i] = image_error(exc)
+
+    def sort_out(i: int, data: bytes) -> None:
+        img, widths[i], heights[i] = read_header(data, max_pixels)
+        with img:
+            if takes(img):
+                jpegs[i], orientations[i] = data, int(img.getexif().get(ORIENTATION) or 1)
+                return
+        (pixels,), _, _ = decode_all(data, [preprocess_cfg_json], False, 0, max_pixels)
+        raws[i] = pixels.tobytes()
+
+    for_each_image(contents, errors, sort_out)
     passed = {k: v for k, v in batch.items() if k not in ("data", "error")}
     return {**passed, "width": widths, "height": heights, "error": errors, "jpeg": jpegs,
             "orientation": orientations, "pixels_raw": raws}
