@@ -17,7 +17,7 @@ import fsspec
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from clipbatch.pipeline.decode import fetch_all
+from clipbatch.pipeline.rows import fetch_all
 from clipbatch.pipeline.shards import image_member, webdataset_samples
 
 THUMBNAIL_PX = 192

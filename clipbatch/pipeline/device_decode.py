@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from clipbatch.errors import UserError
-from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, batch_contents, decode_all, decode_configs, decode_image, \
-    for_each_image, image_error, read_header, tensor_transform
+from clipbatch.pipeline.decode import FAILED_SIZE, decode_all, decode_configs, decode_image, read_header, \
+    tensor_transform
+from clipbatch.pipeline.rows import NO_ERROR, batch_contents, for_each_image, image_error
 
 ORIENTATION = 0x0112  # the EXIF tag
 

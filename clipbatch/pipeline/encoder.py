@@ -18,7 +18,8 @@ import torch
 
 from clipbatch.model.members import Member
 from clipbatch.model.scoring import Labeling, fixed_size_lists, label_columns, logits, mix
-from clipbatch.pipeline.decode import FAILED_SIZE, NO_ERROR, decode_configs, pixel_size, pixels_column
+from clipbatch.pipeline.decode import FAILED_SIZE, decode_configs, pixel_size, pixels_column
+from clipbatch.pipeline.rows import NO_ERROR
 from clipbatch.pipeline.device_decode import device_pixels
 
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from clipbatch.errors import one_line
 from clipbatch.output.layout import OutputDir
 from clipbatch.output.resume import write_shard_record
-from clipbatch.pipeline.decode import NO_ERROR
+from clipbatch.pipeline.rows import NO_ERROR
 from clipbatch.pipeline.listing import IMAGE_EXTENSIONS
 from clipbatch.retry import Patience, is_transient
 

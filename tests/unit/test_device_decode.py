@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipbatch.pipeline.decode import NO_ERROR, decode_image, read_and_decode
+from clipbatch.pipeline.decode import decode_image, read_and_decode
+from clipbatch.pipeline.rows import NO_ERROR
 from clipbatch.pipeline.device_decode import device_pixels, read_for_device
 from helpers import encode
 from test_encoder import CLASSES, embeddings, encoder, heads  # noqa: F401  (heads is a fixture)
