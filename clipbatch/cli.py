@@ -8,6 +8,7 @@ torch, Ray and matplotlib to import.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
+        _no_reports_after_the_error()
         print(f"clipbatch: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -233,9 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        _no_reports_after_the_error()
         print(f"clipbatch: error: {unexpected(exc)} (what was written is kept and a rerun resumes; "
               "--debug shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _no_reports_after_the_error() -> None:
+    """The failed tasks a stopped job leaves behind have the error just reported as their cause: without
+    this Ray prints each one's traceback ("Unhandled error") when the process exits, after clipbatch's line."""
+    os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
 
 
 if __name__ == "__main__":

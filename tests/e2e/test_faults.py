@@ -192,7 +192,8 @@ def test_a_full_output_disk_stops_in_one_line_and_a_rerun_completes(slow_job, tm
         proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and "no space left on the device of output.path" in last, proc.stderr[-3000:]
-        assert last.startswith("clipbatch: error: ") and "Traceback" not in proc.stderr.split("clipbatch: error:")[-1]
+        assert last.startswith("clipbatch: error: "), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr.split("clipbatch: error:")[-1], proc.stderr[-3000:]
         parts = list(out.glob("part-*.parquet"))
         assert parts and all(pq.read_metadata(p).num_rows for p in parts)  # every part whole
         assert not list(out.glob(".part-*")) and not (out / "_SUCCESS").exists()
