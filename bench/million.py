@@ -381,6 +381,7 @@ def listing_child(uris: Path, work: Path) -> None:
     began = time.time()
     from clipbatch.output import resume
     from clipbatch.pipeline.job import build
+    from clipbatch.pipeline.plan import CPU_ROWS_PER_BLOCK
     from clipbatch.pipeline.session import init_ray
     job = build({"name": "listing", "input": {"path": str(uris)}, "model": {"name": "clipbatch-demo"},
                  "labels": {"classes": CLASSES}, "output": {"path": str(work / "out"), "mode": "overwrite"}})
@@ -388,7 +389,7 @@ def listing_child(uris: Path, work: Path) -> None:
     todo = resume.pending(job.listing, job.out, job.format)
     init_ray()
     ready = time.time() - began
-    rows = job.input_rows(todo).map_batches(lambda batch: batch, batch_size=32)  # a do-nothing read
+    rows = job.input_rows(todo, CPU_ROWS_PER_BLOCK).map_batches(lambda batch: batch, batch_size=32)  # a do-nothing read
     del todo
     job.forget_sources()  # as Job.run does once the listing files are written
     first = next(iter(rows.iter_batches(batch_size=32)))

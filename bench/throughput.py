@@ -266,10 +266,10 @@ def _timed_process(*args: str) -> float:
 
 def floor(args, n: int, batch_size: int, work: Path) -> dict:
     """(f) Ray's floor for n rows in (d)'s blocks and batches, and the model's start, each in a fresh process."""
-    from clipbatch.pipeline.job import ROWS_PER_BLOCK
+    from clipbatch.pipeline.plan import CPU_ROWS_PER_BLOCK
     from clipbatch.spec import OutputSpec
 
-    block_rows = ROWS_PER_BLOCK
+    block_rows = CPU_ROWS_PER_BLOCK
     rows_per_part = OutputSpec.model_fields["rows_per_part"].default  # (d) runs with the default
     ray_s = _timed_process("--floor-worker", str(n), "--block-rows", str(block_rows), "--batch", str(batch_size),
                            "--rows-per-part", str(rows_per_part),

@@ -45,11 +45,9 @@ from clipbatch.pipeline.shards import carried_name, read_shards
 from clipbatch.pipeline.sink import ParquetPartsDatasink
 from clipbatch.spec import JobSpec, load_spec
 
-ROWS_PER_BLOCK = 64  # listing rows per Ray block: small, so that every CPU gets decode work
 DECODE_BATCH = 32
-DECODE_CPUS = 0.5  # decode tasks beside GPU actors, and shard readers
+READER_CPUS = 0.5  # shard readers: mostly I/O
 UNREACHABLE = "Could not connect to the endpoint URL"  # botocore's words, for Ray Data's readers to retry
-WRITE_CPUS = 0.5  # Parquet write tasks: the plan leaves one CPU per node for them and the shard readers
 
 
 @dataclass
@@ -129,7 +127,8 @@ class Job:
                 del todo
                 self.forget_sources()
                 try:
-                    dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+                    dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.write_cpus},
+                                           concurrency=plan.write_tasks)
                 finally:
                     self.out.remove_listing()
             if stats:
@@ -165,12 +164,10 @@ class Job:
 
     def _dataset(self, todo: pa.Table, plan: ComputePlan, members: list[Member], heads: list, schema: pa.Schema,
                  counter) -> ray.data.Dataset:
-        # Equal requests let Ray Data fuse the CPU stages into the encoder actors.
-        stage_cpus = plan.cpus_per_actor if plan.decode_in_actors else DECODE_CPUS
-        rows = self.input_rows(todo, counter)
+        rows = self.input_rows(todo, plan.rows_per_block, counter)
         lanes = {"max_concurrent_calls_per_actor": plan.concurrent_batches, "enable_true_multi_threading": True} \
             if plan.concurrent_batches > 1 else {}
-        return (self._decoded(rows, [m.preprocess for m in members], stage_cpus)
+        return (self._decoded(rows, [m.preprocess for m in members], plan.decode_cpus)
                 .map_batches(CountingEncoder, batch_size=plan.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
                                                                 **lanes),
@@ -192,23 +189,23 @@ class Job:
                                            "storage_options": inputs.storage_options,
                                            "jpeg_draft": inputs.jpeg_draft, "max_pixels": inputs.max_pixels})
 
-    def input_rows(self, todo: pa.Table, counter=None) -> ray.data.Dataset:
+    def input_rows(self, todo: pa.Table, rows_per_block: int, counter=None) -> ray.data.Dataset:
         """The rows to decode: images read from the listing files by tasks (ten million rows never pass
         through the driver), in small blocks so that every CPU gets work; shards read by reader tasks."""
         if self.format == "images":
             retried = ray.data.DataContext.get_current().retried_io_errors
             retried.extend(e for e in [UNREACHABLE] if e not in retried)
             return ray.data.read_parquet(self.out.write_listing(todo), filesystem=self.out.arrow_filesystem()) \
-                .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+                .repartition(target_num_rows_per_block=rows_per_block)
         inputs = self.spec.input
         # Readers are tasks of their own (half a CPU: mostly I/O) cut into small blocks: fused into the
         # encoder, a task would take many whole shards and its rows reach the sink only at their end.
         return ray.data.from_blocks([todo.slice(i, 1) for i in range(todo.num_rows)]).map_batches(
-            _read_counted_shards, batch_size=1, num_cpus=DECODE_CPUS,
+            _read_counted_shards, batch_size=1, num_cpus=READER_CPUS,
             fn_kwargs={"counter": counter, "fmt": self.format, "storage_options": inputs.storage_options,
                        "keep": inputs.keep, "image_column": inputs.image_column, "id_column": inputs.id_column,
                        "output_url": self.out.url, "output_storage_options": self.spec.output.storage_options}) \
-            .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+            .repartition(target_num_rows_per_block=rows_per_block)
 
     def _finish(self, metadata: dict, members: list[Member], heads: list, plan: ComputePlan, cluster: Cluster,
                 new_rows: int, rate: float, started: float) -> RunSummary:

@@ -1,9 +1,14 @@
 """The compute plan: what a job asks Ray for, a pure function of the spec's compute section and the cluster.
 
 GPU clusters get one encoder actor per GPU (or per ``gpus_per_actor``) fed by
-decode tasks. CPU clusters get one encoder actor per node that decodes its own
-batches (Ray Data fuses the stages) and runs one batch per core at once, each at
-one torch thread, leaving one CPU of each node to the Parquet write tasks.
+decode tasks sized to the node: on a 16-core node with one GPU, one CPU feeds the
+GPU, one writes and 14 decode, each task a whole GPU batch of images. CPU clusters
+get one encoder actor per node that decodes its own batches (Ray Data fuses the
+stages) and runs one batch per core at once, each at one torch thread, leaving one
+CPU of each node to the Parquet write tasks.
+
+Ray Data hands an operator the CPUs the others leave, so capping the write tasks
+(and the fixed actor pool) is what gives the decode tasks the rest of the node.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from clipbatch.errors import UserError
 from clipbatch.pipeline.session import Cluster
 from clipbatch.spec import ComputeSpec
 
+WRITE_TASKS_PER_NODE = 2  # Parquet writes are mostly I/O: two at once keep up with any GPU
+FEED_NODE_SHARE = 8  # a GPU actor's CPUs: one, or an eighth of a smaller node's (it only feeds the GPU)
+CPU_ROWS_PER_BLOCK = 64  # CPU layout: small blocks, so that every core gets work
 MAX_CONCURRENT_BATCHES = 8  # per CPU actor: beyond this, more threads only contend for the GIL
 MAX_CPU_ACTORS_PER_NODE = 8  # with an explicit compute.cpus_per_actor
 # Besides its weights a CPU actor holds torch, a batch's activations and Arrow buffers.
@@ -31,6 +39,10 @@ class ComputePlan:
     batch_size: int
     torch_threads: int        # intra-op threads of each batch an actor runs
     concurrent_batches: int   # batches an actor runs at once, each in a thread of its own
+    decode_cpus: float        # each decode task's CPUs (the actors' own in the CPU layout, where they fuse)
+    write_cpus: float         # each Parquet write task's CPUs
+    write_tasks: int          # write tasks at once, over the cluster
+    rows_per_block: int       # input rows per Ray block: a GPU batch, or a few rows for each CPU
 
     @property
     def decode_in_actors(self) -> bool:
@@ -40,8 +52,9 @@ class ComputePlan:
     def describe(self) -> str:
         actors = f"{self.min_actors}" + ("" if self.min_actors == self.max_actors else f"-{self.max_actors}")
         lanes = f", {self.concurrent_batches} batches at once" if self.concurrent_batches > 1 else ""
+        decode = "" if self.decode_in_actors else f", decode tasks of {self.decode_cpus:.3g} CPU"
         return (f"device {self.device}, {actors} encoder actor(s), {self.gpus_per_actor:g} GPU and "
-                f"{self.cpus_per_actor:g} CPU each, batch {self.batch_size}{lanes}")
+                f"{self.cpus_per_actor:.3g} CPU each, batch {self.batch_size}{lanes}{decode}")
 
 
 def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OVERHEAD_BYTES) -> ComputePlan:
@@ -63,7 +76,18 @@ def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OV
         # node's cores shared by its actors, run as concurrent batches of one torch thread each.
         threads = max(threads, math.floor(cluster.cpus / cluster.nodes / per_node))
         lanes = max(1, min(threads, MAX_CONCURRENT_BATCHES)) if gpus == 0 else 1
-    return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes)
+    node_cpus = cluster.cpus / cluster.nodes
+    write_cpus = min(0.5, node_cpus / (2 * FEED_NODE_SHARE))
+    write_tasks = WRITE_TASKS_PER_NODE * cluster.nodes
+    if gpus == 0:
+        return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes, cpus, write_cpus,
+                           write_tasks, CPU_ROWS_PER_BLOCK)
+    if compute.cpus_per_actor == "auto":
+        cpus = min(1.0, node_cpus / FEED_NODE_SHARE)
+    # A core a decode task; on a small node half of one, as the feeder and the writes use less than they hold.
+    decode_cpus = 1.0 if node_cpus >= FEED_NODE_SHARE else 0.5
+    return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes, decode_cpus,
+                       write_cpus, write_tasks, batch)
 
 
 def _gpus_per_actor(compute: ComputeSpec, cluster: Cluster) -> float:

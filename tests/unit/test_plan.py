@@ -27,7 +27,19 @@ def test_defaults_adapt_to_the_cluster():
     # thread each, one CPU left for the write tasks.
     assert (cpu.concurrent_batches, cpu.torch_threads, cpu.cpus_per_actor, cpu.decode_in_actors) == (2, 1, 1.0, True)
     assert (gpu.concurrent_batches, gpu.torch_threads, gpu.cpus_per_actor, gpu.decode_in_actors) == \
-        (1, 1, 1.0, False)
+        (1, 1, 0.25, False)  # a 2-core node: the GPU actors' feeding takes a share of it, the rest decodes
+
+
+def test_a_gpu_nodes_cores_decode_but_one_that_feeds_and_one_that_writes():
+    node = plan(1, cpus_per_node=16)
+    assert (node.cpus_per_actor, node.decode_cpus, node.write_cpus, node.write_tasks) == (1.0, 1.0, 0.5, 2)
+    assert node.rows_per_block == node.batch_size  # a decode task makes one GPU batch
+    eight = plan(16, cpus_per_node=96, nodes=2)  # two nodes of 8 GPUs: 8 feeders and 1 CPU of writes a node
+    assert (eight.max_actors, eight.cpus_per_actor, eight.decode_cpus, eight.write_tasks) == (16, 1.0, 1.0, 4)
+    small = plan(1, cpus_per_node=2)  # 2 cores: 0.25 feeds, 0.25 writes, 1.5 decode in tasks of half a CPU
+    assert (small.cpus_per_actor, small.decode_cpus, small.write_cpus) == (0.25, 0.5, 0.125)
+    cpu = plan(0, cpus_per_node=16)  # CPU layout: decode fuses into the actors, with small blocks
+    assert (cpu.decode_cpus, cpu.write_cpus, cpu.write_tasks, cpu.rows_per_block) == (15, 0.5, 2, 64)
 
 
 def test_cpu_actors_share_the_nodes_cores():
@@ -55,7 +67,7 @@ def test_fractional_gpus_and_autoscaling_pool():
 
 def test_logical_gpus_schedule_like_gpus_and_compute_on_cpu():
     p = plan(1, device="cpu", gpus_per_actor=1)
-    assert (p.device, p.gpus_per_actor, p.cpus_per_actor, p.decode_in_actors) == ("cpu", 1, 1.0, False)
+    assert (p.device, p.gpus_per_actor, p.cpus_per_actor, p.decode_in_actors) == ("cpu", 1, 0.25, False)
     assert (p.concurrent_batches, p.torch_threads) == (1, 2)
 
 
@@ -74,4 +86,5 @@ def test_a_cluster_scaled_to_zero_gpus_waits_for_its_autoscaler():
 
 def test_the_plan_describes_itself():
     assert plan(0).describe() == "device cpu, 1 encoder actor(s), 0 GPU and 1 CPU each, batch 32, 2 batches at once"
-    assert plan(2, actors=[1, 3]).describe() == "device cuda, 1-3 encoder actor(s), 1 GPU and 1 CPU each, batch 256"
+    assert plan(2, cpus_per_node=16, actors=[1, 3]).describe() == \
+        "device cuda, 1-3 encoder actor(s), 1 GPU and 1 CPU each, batch 256, decode tasks of 1 CPU"
