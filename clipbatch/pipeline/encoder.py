@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
+from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,15 @@ from clipbatch.model.scoring import Labeling, fixed_size_lists, label_columns, l
 from clipbatch.pipeline.decode import FAILED_SIZE, decode_configs, pixel_size, pixels_column
 from clipbatch.pipeline.rows import NO_ERROR
 from clipbatch.pipeline.device_decode import device_pixels
+
+
+class _Lane(threading.local):
+    """What each calling thread owns on CUDA (Ray Data runs plan.concurrent_batches calls at once): a
+    stream, so that one call's copy and forward overlap another's, and a pinned buffer its batch is
+    staged in, which lets the copy to the GPU run without blocking."""
+
+    stream = None
+    pinned = None
 
 
 class ClipEncoder:
@@ -45,6 +56,7 @@ class ClipEncoder:
         self.first_config = json.dumps(configs[0] or self.models[0].preprocess_cfg)
         self.carried = schema.names[schema.get_field_index("error") + 1:]
         self.chunk: int | None = None  # at most this many images per forward pass, once a batch ran out of memory
+        self.lane = _Lane()
 
     def describe(self, where: str = platform.node()) -> str:
         """The encoder's start-up line: where it runs, on what device, with which models."""
@@ -77,7 +89,33 @@ class ClipEncoder:
         return device_pixels(batch["jpeg"], batch["orientation"], batch["pixels_raw"], self.first_config, size,
                              self.device, errors)
 
+    def _stream(self):
+        """This thread's CUDA stream as the current one (on CPU, nothing)."""
+        if self.device != "cuda":
+            return nullcontext()
+        if self.lane.stream is None:
+            self.lane.stream = torch.cuda.Stream()
+        return torch.cuda.stream(self.lane.stream)
+
+    def _staged(self, pixels: np.ndarray, valid: np.ndarray):
+        """The valid rows' pixels for the model: on CUDA copied through this thread's pinned buffer to the
+        GPU without blocking (rows are chosen there), on CPU the rows themselves. The buffer is reused once
+        the results are copied back, which waits for the stream."""
+        if self.device != "cuda":
+            return np.ascontiguousarray(pixels[valid])
+        pixels = np.ascontiguousarray(pixels)
+        if self.lane.pinned is None or self.lane.pinned.numel() < pixels.size:
+            self.lane.pinned = torch.empty(pixels.size, dtype=torch.uint8).pin_memory()
+        staged = self.lane.pinned[:pixels.size].view(pixels.shape)
+        staged.copy_(torch.from_numpy(pixels))
+        on_gpu = staged.to(self.device, non_blocking=True)
+        return on_gpu if valid.all() else on_gpu[torch.from_numpy(valid).to(self.device)]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        with self._stream():
+            return self._encode(batch)
+
+    def _encode(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = np.array([str(e) for e in batch["error"]], dtype=object)
         on_device = self._on_device(batch, errors) if "jpeg" in batch else None
         valid = errors == NO_ERROR
@@ -88,7 +126,7 @@ class ClipEncoder:
             member_logits = []
             for member, model, head, pixels in zip(self.members, self.models, self.heads, self.pixels):
                 chosen = on_device[torch.from_numpy(valid).to(self.device)] if on_device is not None else \
-                    np.ascontiguousarray(batch[pixels][valid])
+                    self._staged(batch[pixels], valid)
                 emb = self._embed(model, chosen)
                 member_logits.append(logits((emb @ head.T).cpu().numpy(), member))
                 embeddings[member.column][valid] = emb.cpu().numpy()

@@ -25,7 +25,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from clipbatch.errors import UserError
-from clipbatch.model.load import parameter_count
+from clipbatch.model.load import gpu_batch_size, parameter_count
 from clipbatch.model.members import Member, members_of
 from clipbatch.model.prompts import resolve_prompts
 from clipbatch.model.scoring import Labeling
@@ -104,10 +104,11 @@ class Job:
         if dashboard:
             print(f"clipbatch: Ray dashboard at {dashboard}", flush=True)
         cluster = cluster_info()
-        plan = plan_for(self.spec.compute, cluster, self._actor_bytes())
+        gpu_batch = min(gpu_batch_size(m.name) for m in self.members)
+        plan = plan_for(self.spec.compute, cluster, self._actor_bytes(), gpu_batch)
         if plan.gpus_per_actor > cluster.gpus:  # a running cluster whose autoscaler may add GPU nodes
             cluster = wait_for_gpus(plan.gpus_per_actor, self.spec.compute.wait_for_gpus_s)
-            plan = plan_for(self.spec.compute, cluster, self._actor_bytes())
+            plan = plan_for(self.spec.compute, cluster, self._actor_bytes(), gpu_batch)
         print(f"clipbatch: {todo.num_rows:,} of {self.listing.num_rows:,} "
               f"{'images' if self.format == 'images' else 'shards'} to do; {plan.describe()}", flush=True)
         members, heads = self._text_heads(plan)

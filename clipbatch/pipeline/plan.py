@@ -23,6 +23,7 @@ from clipbatch.spec import ComputeSpec
 WRITE_TASKS_PER_NODE = 2  # Parquet writes are mostly I/O: two at once keep up with any GPU
 FEED_NODE_SHARE = 8  # a GPU actor's CPUs: one, or an eighth of a smaller node's (it only feeds the GPU)
 CPU_ROWS_PER_BLOCK = 64  # CPU layout: small blocks, so that every core gets work
+CUDA_CALLS_IN_FLIGHT = 2  # a GPU actor's batches at once: one's copy and outputs overlap the other's forward
 MAX_CONCURRENT_BATCHES = 8  # per CPU actor: beyond this, more threads only contend for the GIL
 MAX_CPU_ACTORS_PER_NODE = 8  # with an explicit compute.cpus_per_actor
 # Besides its weights a CPU actor holds torch, a batch's activations and Arrow buffers.
@@ -57,12 +58,13 @@ class ComputePlan:
                 f"{self.cpus_per_actor:.3g} CPU each, batch {self.batch_size}{lanes}{decode}")
 
 
-def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OVERHEAD_BYTES) -> ComputePlan:
+def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OVERHEAD_BYTES,
+             gpu_batch: int = 256) -> ComputePlan:
     """actor_bytes: one CPU actor's memory estimate, which bounds how many actors an explicit
-    cpus_per_actor puts on a node."""
+    cpus_per_actor puts on a node; gpu_batch: the batch the job's models take on a GPU (load.gpu_batch_size)."""
     gpus = _gpus_per_actor(compute, cluster)
     device = ("cuda" if gpus > 0 else "cpu") if compute.device == "auto" else compute.device
-    batch = compute.batch_size if compute.batch_size != "auto" else (256 if device == "cuda" else 32)
+    batch = compute.batch_size if compute.batch_size != "auto" else (gpu_batch if device == "cuda" else 32)
     spare = max(0.0, cluster.cpus / cluster.nodes - 1)  # one CPU of each node for the write tasks
     low, high = _actors(compute, cluster, gpus, spare, actor_bytes)
     per_node = math.ceil(high / cluster.nodes)
@@ -76,6 +78,8 @@ def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OV
         # node's cores shared by its actors, run as concurrent batches of one torch thread each.
         threads = max(threads, math.floor(cluster.cpus / cluster.nodes / per_node))
         lanes = max(1, min(threads, MAX_CONCURRENT_BATCHES)) if gpus == 0 else 1
+    elif device == "cuda":
+        lanes = CUDA_CALLS_IN_FLIGHT
     node_cpus = cluster.cpus / cluster.nodes
     write_cpus = min(0.5, node_cpus / (2 * FEED_NODE_SHARE))
     write_tasks = WRITE_TASKS_PER_NODE * cluster.nodes

@@ -13,9 +13,9 @@ GiB = 2**30
 
 
 def plan(gpus=0.0, cpus_per_node=2, nodes=1, address="local", memory_per_node=64 * GiB, actor_bytes=GiB,
-         **compute):
+         gpu_batch=256, **compute):
     cluster = Cluster(address, nodes, cpus_per_node * nodes, gpus, memory_per_node * nodes)
-    return plan_for(ComputeSpec(**compute), cluster, actor_bytes)
+    return plan_for(ComputeSpec(**compute), cluster, actor_bytes, gpu_batch)
 
 
 def test_defaults_adapt_to_the_cluster():
@@ -27,7 +27,7 @@ def test_defaults_adapt_to_the_cluster():
     # thread each, one CPU left for the write tasks.
     assert (cpu.concurrent_batches, cpu.torch_threads, cpu.cpus_per_actor, cpu.decode_in_actors) == (2, 1, 1.0, True)
     assert (gpu.concurrent_batches, gpu.torch_threads, gpu.cpus_per_actor, gpu.decode_in_actors) == \
-        (1, 1, 0.25, False)  # a 2-core node: the GPU actors' feeding takes a share of it, the rest decodes
+        (2, 1, 0.25, False)  # a 2-core node: the GPU actors' feeding takes a share of it, the rest decodes
 
 
 def test_a_gpu_nodes_cores_decode_but_one_that_feeds_and_one_that_writes():
@@ -38,6 +38,8 @@ def test_a_gpu_nodes_cores_decode_but_one_that_feeds_and_one_that_writes():
     assert (eight.max_actors, eight.cpus_per_actor, eight.decode_cpus, eight.write_tasks) == (16, 1.0, 1.0, 4)
     small = plan(1, cpus_per_node=2)  # 2 cores: 0.25 feeds, 0.25 writes, 1.5 decode in tasks of half a CPU
     assert (small.cpus_per_actor, small.decode_cpus, small.write_cpus) == (0.25, 0.5, 0.125)
+    assert plan(1, gpu_batch=1024).batch_size == 1024  # the model's GPU batch, unless the spec sets one
+    assert plan(1, gpu_batch=1024, batch_size=128).batch_size == 128
     cpu = plan(0, cpus_per_node=16)  # CPU layout: decode fuses into the actors, with small blocks
     assert (cpu.decode_cpus, cpu.write_cpus, cpu.write_tasks, cpu.rows_per_block) == (15, 0.5, 2, 64)
 
@@ -87,4 +89,12 @@ def test_a_cluster_scaled_to_zero_gpus_waits_for_its_autoscaler():
 def test_the_plan_describes_itself():
     assert plan(0).describe() == "device cpu, 1 encoder actor(s), 0 GPU and 1 CPU each, batch 32, 2 batches at once"
     assert plan(2, cpus_per_node=16, actors=[1, 3]).describe() == \
-        "device cuda, 1-3 encoder actor(s), 1 GPU and 1 CPU each, batch 256, decode tasks of 1 CPU"
+        "device cuda, 1-3 encoder actor(s), 1 GPU and 1 CPU each, batch 256, 2 batches at once, decode tasks of 1 CPU"
+
+
+def test_the_gpu_batch_follows_the_models_activations():
+    """Hundreds to a thousand images for ViT-B-32, fewer as tokens and width grow; read from the
+    model's config on the meta device, without weights."""
+    from clipbatch.model.load import gpu_batch_size
+    assert [gpu_batch_size(n) for n in ("ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-bigG-14")] == [1024, 512, 128, 256]
+    assert 64 <= gpu_batch_size("RN50") <= 1024
