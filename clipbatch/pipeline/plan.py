@@ -23,6 +23,7 @@ from clipbatch.spec import ComputeSpec
 WRITE_TASKS_PER_NODE = 2  # Parquet writes are mostly I/O: two at once keep up with any GPU
 FEED_NODE_SHARE = 8  # a GPU actor's CPUs: one, or an eighth of a smaller node's (it only feeds the GPU)
 CPU_ROWS_PER_BLOCK = 64  # CPU layout: small blocks, so that every core gets work
+MIN_DECODE_TASK_ROWS = 256  # GPU layout: a decode task long enough that its start and hand-over are small
 CUDA_CALLS_IN_FLIGHT = 2  # a GPU actor's batches at once: one's copy and outputs overlap the other's forward
 MAX_CONCURRENT_BATCHES = 8  # per CPU actor: beyond this, more threads only contend for the GIL
 MAX_CPU_ACTORS_PER_NODE = 8  # with an explicit compute.cpus_per_actor
@@ -91,7 +92,7 @@ def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OV
     # A core a decode task; on a small node half of one, as the feeder and the writes use less than they hold.
     decode_cpus = 1.0 if node_cpus >= FEED_NODE_SHARE else 0.5
     return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes, decode_cpus,
-                       write_cpus, write_tasks, batch)
+                       write_cpus, write_tasks, max(batch, MIN_DECODE_TASK_ROWS))
 
 
 def _gpus_per_actor(compute: ComputeSpec, cluster: Cluster) -> float:
