@@ -10,8 +10,8 @@ job is fed as fast as it can be. In one run this measures:
   - clipbatch, GPU node layout (decode tasks feeding an actor that holds a GPU) on a logical GPU
     (`ray start --num-gpus 1`, compute.device cpu, gpus_per_actor 1);
   - parity of a sample of the mix with open_clip's reference pipeline.
-Each clipbatch figure is the rate once running, from the 2N job's parts as they were written (10% to
-90% of its rows), beside the marginal rate of 2N images over N; start-up is reported apart, with
+Each clipbatch figure is the rate once running, the 2N job's images over its encoder's span (first
+block out to last), beside the marginal rate of 2N images over N; start-up is reported apart, with
 CPU-ms per image per stage from Ray Data's stats and peak RSS. Writes bench/results/<date>-<host>-feed.json.
 """
 
@@ -40,7 +40,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from corpus import photo  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-PART_ROWS = 250  # small parts: their write times show the rate once running
 WEB_SIZES = [(500, 375), (640, 480), (1024, 768), (375, 500), (480, 640), (800, 600)]
 CFG = json.dumps({"size": 224, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
@@ -159,7 +158,13 @@ def run_job(job: Path, env: dict, stats: bool = False, images: int = 1) -> dict:
     if proc.returncode:
         sys.exit(f"clipbatch run failed:\n{out[-3000:]}")
     return {"seconds": time.time() - began, "driver_mb": round(rss.driver), "worker_mb": round(rss.worker),
-            "stage_cpu_ms": stage_cpu_ms(out, images) if stats else {}}
+            "stage_cpu_ms": stage_cpu_ms(out, images) if stats else {},
+            "encoder_span_s": encoder_span_s(out) if stats else None}
+
+
+def encoder_span_s(stats: str) -> float:
+    """Seconds from the encoder operator's first block out to its last (Ray Data's 'produced in')."""
+    return float(re.search(r"Operator \d+ [^\n]*CountingEncoder\)?: .*? blocks produced in ([\d.]+)s", stats)[1])
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -177,31 +182,18 @@ def stage_cpu_ms(stats: str, images: int) -> dict:
 
 
 def steady(jobs: dict[int, Path], env: dict) -> dict:
-    """The rate once running, two ways: from the 2N job's parts as they were written (its rows between
-    the 10% and 90% marks over the time between), and the marginal rate of 2N images over N."""
+    """The rate once running, two ways: the 2N job's images over the span of its encoder operator (first
+    block out to last, from Ray Data's stats), and the marginal rate of 2N images over N."""
     (n, small), (_, large) = sorted(jobs.items())
     first = run_job(small, env)
     second = run_job(large, env, stats=True, images=2 * n)
-    rate = written_rate(Path(json.loads(large.read_text())["output"]["path"]))
+    rate = 2 * n / second["encoder_span_s"]
     marginal = n / (second["seconds"] - first["seconds"])
     return {"steady_img_per_s": round(rate, 1), "marginal_img_per_s": round(marginal, 1),
-            "start_up_s": round(second["seconds"] - 2 * n / rate, 1),
+            "start_up_s": round(second["seconds"] - second["encoder_span_s"], 1),
             "t_n_s": round(first["seconds"], 1), "t_2n_s": round(second["seconds"], 1),
             "driver_peak_mb": second["driver_mb"], "worker_peak_mb": second["worker_mb"],
             "stage_cpu_ms_per_image": second["stage_cpu_ms"]}
-
-
-def written_rate(output: Path, low: float = 0.1, high: float = 0.9) -> float:
-    """Rows per second between the parts that took the output past low and past high of its rows."""
-    import pyarrow.parquet as pq
-    parts = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in output.glob("part-*.parquet"))
-    total, done, marks = sum(rows for _, rows in parts), 0, []
-    for when, rows in parts:
-        done += rows
-        marks.append((when, done))
-    start = next(m for m in marks if m[1] >= low * total)
-    end = next(m for m in marks if m[1] >= high * total)
-    return (end[1] - start[1]) / max(end[0] - start[0], 1e-9)
 
 
 def write_jobs(work: Path, paths: list[Path], model: str, n: int, compute: dict) -> dict[int, Path]:
@@ -211,7 +203,7 @@ def write_jobs(work: Path, paths: list[Path], model: str, n: int, compute: dict)
         listing.write_text("".join(f"{p}\n" for p in paths[:count]))
         spec = {"name": f"feed-{count}", "input": {"path": str(listing)}, "model": {"name": model},
                 "labels": {"classes": [f"class {i}" for i in range(10)]}, "compute": compute,
-                "output": {"path": str(work / f"out-{count}"), "mode": "overwrite", "rows_per_part": PART_ROWS}}
+                "output": {"path": str(work / f"out-{count}"), "mode": "overwrite"}}
         jobs[count] = work / f"job-{count}-{'gpu' if compute else 'cpu'}.yaml"
         jobs[count].write_text(json.dumps(spec))
     return jobs
