@@ -192,7 +192,8 @@ class Job:
 
     def input_rows(self, todo: pa.Table, rows_per_block: int, counter=None) -> ray.data.Dataset:
         """The rows to decode: images read from the listing files by tasks (ten million rows never pass
-        through the driver), in small blocks so that every CPU gets work; shards read by reader tasks."""
+        through the driver), shards by reader tasks; in blocks of the plan's rows_per_block (a few rows for
+        each CPU in the CPU layout, a GPU batch beside GPUs)."""
         if self.format == "images":
             retried = ray.data.DataContext.get_current().retried_io_errors
             retried.extend(e for e in [UNREACHABLE] if e not in retried)
