@@ -21,7 +21,9 @@ from clipbatch.pipeline.session import Cluster
 from clipbatch.spec import ComputeSpec
 
 WRITE_TASKS_PER_NODE = 2  # Parquet writes are mostly I/O: two at once keep up with any GPU
-FEED_NODE_SHARE = 8  # a GPU actor's CPUs: one, or an eighth of a smaller node's (it only feeds the GPU)
+# Below this many CPUs a node gives a GPU actor (it only feeds the GPU) and the writes an eighth of
+# itself each, and decodes in tasks of half a CPU, as the feeder and the writes use less than they hold.
+SMALL_NODE_CPUS = 8
 CPU_ROWS_PER_BLOCK = 64  # CPU layout: small blocks, so that every core gets work
 MIN_DECODE_TASK_ROWS = 256  # GPU layout: a decode task long enough that its start and hand-over are small
 CUDA_CALLS_IN_FLIGHT = 2  # a GPU actor's batches at once: one's copy and outputs overlap the other's forward
@@ -66,33 +68,31 @@ def plan_for(compute: ComputeSpec, cluster: Cluster, actor_bytes: int = ACTOR_OV
     gpus = _gpus_per_actor(compute, cluster)
     device = ("cuda" if gpus > 0 else "cpu") if compute.device == "auto" else compute.device
     batch = compute.batch_size if compute.batch_size != "auto" else (gpu_batch if device == "cuda" else 32)
-    spare = max(0.0, cluster.cpus / cluster.nodes - 1)  # one CPU of each node for the write tasks
+    node_cpus = cluster.cpus / cluster.nodes
+    spare = max(0.0, node_cpus - 1)  # one CPU of each node for the write tasks
     low, high = _actors(compute, cluster, gpus, spare, actor_bytes)
     per_node = math.ceil(high / cluster.nodes)
     if compute.cpus_per_actor != "auto":
         cpus = float(compute.cpus_per_actor)
+    elif gpus > 0:
+        cpus = min(1.0, node_cpus / SMALL_NODE_CPUS)
     else:
-        cpus = spare / per_node if gpus == 0 and spare > 0 else 1.0
+        cpus = spare / per_node if spare > 0 else 1.0
     threads, lanes = max(1, math.ceil(cpus)), 1
     if device == "cpu":
         # Ray pins an actor to as many threads as CPUs it reserved; a CPU actor's threads are the
         # node's cores shared by its actors, run as concurrent batches of one torch thread each.
-        threads = max(threads, math.floor(cluster.cpus / cluster.nodes / per_node))
+        threads = max(threads, math.floor(node_cpus / per_node))
         lanes = max(1, min(threads, MAX_CONCURRENT_BATCHES)) if gpus == 0 else 1
     elif device == "cuda":
         lanes = CUDA_CALLS_IN_FLIGHT
-    node_cpus = cluster.cpus / cluster.nodes
-    write_cpus = min(0.5, node_cpus / (2 * FEED_NODE_SHARE))
-    write_tasks = WRITE_TASKS_PER_NODE * cluster.nodes
-    if gpus == 0:
-        return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes, cpus, write_cpus,
-                           write_tasks, CPU_ROWS_PER_BLOCK)
-    if compute.cpus_per_actor == "auto":
-        cpus = min(1.0, node_cpus / FEED_NODE_SHARE)
-    # A core a decode task; on a small node half of one, as the feeder and the writes use less than they hold.
-    decode_cpus = 1.0 if node_cpus >= FEED_NODE_SHARE else 0.5
+    if gpus == 0:  # decode fuses into the actors
+        decode_cpus, rows_per_block = cpus, CPU_ROWS_PER_BLOCK
+    else:
+        decode_cpus, rows_per_block = (1.0 if node_cpus >= SMALL_NODE_CPUS else 0.5), max(batch, MIN_DECODE_TASK_ROWS)
+    write_cpus = min(0.5, node_cpus / (2 * SMALL_NODE_CPUS))
     return ComputePlan(device, gpus, cpus, low, high, batch, max(1, threads // lanes), lanes, decode_cpus,
-                       write_cpus, write_tasks, max(batch, MIN_DECODE_TASK_ROWS))
+                       write_cpus, WRITE_TASKS_PER_NODE * cluster.nodes, rows_per_block)
 
 
 def _gpus_per_actor(compute: ComputeSpec, cluster: Cluster) -> float:
