@@ -97,19 +97,20 @@ class ClipEncoder:
             self.lane.stream = torch.cuda.Stream()
         return torch.cuda.stream(self.lane.stream)
 
-    def _staged(self, pixels: np.ndarray, valid: np.ndarray):
-        """The valid rows' pixels for the model: on CUDA copied through this thread's pinned buffer to the
-        GPU without blocking (rows are chosen there), on CPU the rows themselves. The buffer is reused once
-        the results are copied back, which waits for the stream."""
-        if self.device != "cuda":
-            return np.ascontiguousarray(pixels[valid])
-        pixels = np.ascontiguousarray(pixels)
-        if self.lane.pinned is None or self.lane.pinned.numel() < pixels.size:
-            self.lane.pinned = torch.empty(pixels.size, dtype=torch.uint8).pin_memory()
-        staged = self.lane.pinned[:pixels.size].view(pixels.shape)
-        staged.copy_(torch.from_numpy(pixels))
-        on_gpu = staged.to(self.device, non_blocking=True)
-        return on_gpu if valid.all() else on_gpu[torch.from_numpy(valid).to(self.device)]
+    def _valid_pixels(self, pixels, valid: np.ndarray):
+        """The valid rows' pixels for the model. Pixels already on the device (input.decode: gpu) and a
+        batch sent to CUDA have their rows chosen there; the batch goes through this thread's pinned
+        buffer without blocking, reused once the results are copied back (which waits for the stream)."""
+        if not isinstance(pixels, torch.Tensor):
+            if self.device != "cuda":
+                return np.ascontiguousarray(pixels[valid])
+            pixels = np.ascontiguousarray(pixels)
+            if self.lane.pinned is None or self.lane.pinned.numel() < pixels.size:
+                self.lane.pinned = torch.empty(pixels.size, dtype=torch.uint8).pin_memory()
+            staged = self.lane.pinned[:pixels.size].view(pixels.shape)
+            staged.copy_(torch.from_numpy(pixels))
+            pixels = staged.to(self.device, non_blocking=True)
+        return pixels if valid.all() else pixels[torch.from_numpy(valid).to(self.device)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         with self._stream():
@@ -125,8 +126,7 @@ class ClipEncoder:
         if valid.any():
             member_logits = []
             for member, model, head, pixels in zip(self.members, self.models, self.heads, self.pixels):
-                chosen = on_device[torch.from_numpy(valid).to(self.device)] if on_device is not None else \
-                    self._staged(batch[pixels], valid)
+                chosen = self._valid_pixels(on_device if on_device is not None else batch[pixels], valid)
                 emb = self._embed(model, chosen)
                 member_logits.append(logits((emb @ head.T).cpu().numpy(), member))
                 embeddings[member.column][valid] = emb.cpu().numpy()
