@@ -117,10 +117,15 @@ def _open(data: bytes, jpeg_draft: bool, draft_size: int, max_pixels: int | None
     """Encoded bytes -> (upright RGB-convertible PIL image, original width, original height)."""
     img, width, height = read_header(data, max_pixels)
     with img:
-        if jpeg_draft and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        return ImageOps.exif_transpose(img), width, height
+        return _load_upright(img, jpeg_draft, draft_size), width, height
+
+
+def _load_upright(img: Image.Image, jpeg_draft: bool, draft_size: int) -> Image.Image:
+    """An opened image decoded (a JPEG at a reduced scale with jpeg_draft) and turned upright."""
+    if jpeg_draft and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    img.load()
+    return ImageOps.exif_transpose(img)
 
 
 def read_header(data: bytes, max_pixels: int | None) -> tuple[Image.Image, int, int]:
@@ -155,21 +160,14 @@ def decode_all(data: bytes, cfgs: list[str], jpeg_draft: bool, draft_size: int,
     mode (alpha, palette, 16-bit, CMYK ...) and config takes PIL and open_clip's own transform, exactly.
     """
     tensor_cfgs = [tensor_transform(c) for c in cfgs]
-    if not all(tensor_cfgs):
-        img, width, height = _open(data, jpeg_draft, draft_size, max_pixels)
-        return [_pixels(img, c) for c in cfgs], width, height
     img, width, height = read_header(data, max_pixels)
     with img:
-        if img.mode not in ("RGB", "L"):
-            img.close()
-            img, width, height = _open(data, jpeg_draft, draft_size, max_pixels)
-            return [_pixels(img, c) for c in cfgs], width, height
+        if not all(tensor_cfgs) or img.mode not in ("RGB", "L"):
+            upright = _load_upright(img, jpeg_draft, draft_size)
+            return [_pixels(upright, c) for c in cfgs], width, height
         chw = _jpeg_tensor(data) if img.format == "JPEG" and not jpeg_draft else None
         if chw is None:
-            if jpeg_draft and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            chw = _as_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+            chw = _as_tensor(_load_upright(img, jpeg_draft, draft_size).convert("RGB"))
     return [apply(chw).numpy() for apply in tensor_cfgs], width, height
 
 
